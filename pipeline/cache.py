@@ -1,0 +1,177 @@
+"""The HDF5 feature cache: the one self-describing file through which stage 1, stage 2 and reports meet.
+
+Layout of ``features.h5`` (schema version 1)::
+
+    attrs:  schema_version, fingerprint, provenance (JSON), and for convenience dataset, imbalance,
+            subset_seed, backbone, epochs, seed, variants
+    classes/names          str   [C]   class names in label order
+    classes/train_counts   int64 [C]   training images per class (after the long-tailed subset)
+    classes/groups         int8  [C]   0 = Many (>=100), 1 = Medium, 2 = Few (<20)
+    classifier/weight      f32   [C,d] stage-1 linear classifier (the Softmax baseline)
+    classifier/bias        f32   [C]
+    <variant>/<split>/features  f32   [N,d]  variant in {plain, bn_recal}; split in {train, val, test}
+    <variant>/<split>/labels    int64 [N]
+    learning_curve/<column>     per-epoch stage-1 test accuracy (epoch, lr, train_loss, all, many, ...)
+
+``plain`` features come straight from the final checkpoint in eval mode; ``bn_recal`` come from the same
+weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4).
+The fingerprint is a hash of the identifying provenance (data, subset, backbone, recipe, checkpoint
+sha256) so that results rows can say exactly which features they were computed on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import SCHEMA_VERSION, SPLITS, VARIANTS
+from .metrics import class_groups
+from .utils import UserError, atomic_path
+
+# provenance keys that identify *what* the features are (not when/where they were written)
+IDENTITY_KEYS = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed", "checkpoint_sha256")
+
+
+def fingerprint(provenance: dict) -> str:
+    ident = {k: provenance.get(k) for k in IDENTITY_KEYS}
+    ident["config"] = provenance.get("config")
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_name(dataset: str, imbalance, backbone: str, seed: int) -> str:
+    """Folder name of a stage-1 run under cache/, e.g. cifar10-lt-b100-resnet32-s0."""
+    b = int(imbalance) if float(imbalance).is_integer() else imbalance
+    return f"{dataset}-b{b}-{backbone}-s{seed}"
+
+
+def write_cache(path, *, provenance: dict, class_names, train_counts, classifier_weight, classifier_bias,
+                features: dict, learning_curve: dict | None = None) -> Path:
+    """Write a complete cache atomically.  ``features[variant][split] = (X [N,d], y [N])``."""
+    path = Path(path)
+    for variant, splits in features.items():
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown feature variant {variant!r}; expected one of {VARIANTS}")
+        for split in splits:
+            if split not in SPLITS:
+                raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    counts = np.asarray(train_counts, dtype=np.int64)
+    prov = dict(provenance)
+    fp = fingerprint(prov)
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["fingerprint"] = fp
+            f.attrs["provenance"] = json.dumps(prov, sort_keys=True, default=str)
+            for k in ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed"):
+                if prov.get(k) is not None:
+                    f.attrs[k] = prov[k]
+            f.attrs["variants"] = json.dumps(sorted(features))
+            g = f.create_group("classes")
+            g.create_dataset("names", data=np.array([str(c) for c in class_names], dtype=h5py.string_dtype()))
+            g.create_dataset("train_counts", data=counts)
+            g.create_dataset("groups", data=class_groups(counts))
+            g = f.create_group("classifier")
+            g.create_dataset("weight", data=np.asarray(classifier_weight, dtype=np.float32))
+            g.create_dataset("bias", data=np.asarray(classifier_bias, dtype=np.float32))
+            for variant, splits in features.items():
+                vg = f.create_group(variant)
+                vg.attrs["description"] = ("features of the final checkpoint, eval mode, no augmentation"
+                                           if variant == "plain" else
+                                           "same weights, BatchNorm running statistics re-estimated on "
+                                           "the training set (cumulative average, no augmentation)")
+                for split, (x, y) in splits.items():
+                    sg = vg.create_group(split)
+                    sg.create_dataset("features", data=np.asarray(x, dtype=np.float32))
+                    sg.create_dataset("labels", data=np.asarray(y, dtype=np.int64))
+            if learning_curve:
+                g = f.create_group("learning_curve")
+                for col, values in learning_curve.items():
+                    g.create_dataset(col, data=np.asarray(values, dtype=np.float64))
+    return path
+
+
+@dataclass
+class FeatureCache:
+    """A validated cache; metadata is read at open, feature arrays on demand with :meth:`split`."""
+    path: Path
+    provenance: dict
+    fingerprint: str
+    class_names: list
+    train_counts: np.ndarray
+    groups: np.ndarray
+    classifier_weight: np.ndarray
+    classifier_bias: np.ndarray
+    variants: list = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has_split(self, split: str, variant: str = "plain") -> bool:
+        with h5py.File(self.path, "r") as f:
+            return f"{variant}/{split}/features" in f
+
+    def splits(self, variant: str = "plain") -> list:
+        with h5py.File(self.path, "r") as f:
+            return [s for s in SPLITS if f"{variant}/{s}/features" in f]
+
+    def split(self, split: str, variant: str = "plain"):
+        """(features float32 [N,d], labels int64 [N]) of one split; a UserError when absent."""
+        if variant not in self.variants:
+            hint = " (re-run `pipeline extract --bn-recalibrate`)" if variant == "bn_recal" else ""
+            raise UserError(f"cache {self.path} has no {variant!r} features (has {self.variants}){hint}")
+        with h5py.File(self.path, "r") as f:
+            key = f"{variant}/{split}"
+            if key not in f:
+                have = [s for s in SPLITS if f"{variant}/{s}" in f]
+                raise UserError(f"cache {self.path} has no {split!r} split for {variant!r} features "
+                                f"(has {have})")
+            return f[key]["features"][()], f[key]["labels"][()]
+
+    def learning_curve(self) -> dict:
+        with h5py.File(self.path, "r") as f:
+            if "learning_curve" not in f:
+                return {}
+            return {k: v[()] for k, v in f["learning_curve"].items()}
+
+
+def read_cache(path, expect: dict | None = None) -> FeatureCache:
+    """Open and validate a cache.  ``expect`` maps provenance keys to required values (None = any)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "features.h5"
+    if not path.exists():
+        raise UserError(f"no feature cache at {path}; create it with `pipeline extract` first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not an HDF5 feature cache (unreadable); re-create it with "
+                        "`pipeline extract`") from None
+    with f:
+        version = f.attrs.get("schema_version")
+        if version is None or "provenance" not in f.attrs:
+            raise UserError(f"{path} is not a feature cache written by `pipeline extract` "
+                            "(no schema_version/provenance)")
+        if int(version) != SCHEMA_VERSION:
+            raise UserError(f"{path} has cache schema version {int(version)}, this toolkit reads "
+                            f"version {SCHEMA_VERSION}; re-extract it with this version")
+        prov = json.loads(f.attrs["provenance"])
+        for k, want in (expect or {}).items():
+            if want is None:
+                continue
+            have = prov.get(k)
+            same = (float(have) == float(want)) if isinstance(want, (int, float)) and have is not None \
+                else have == want
+            if not same:
+                raise UserError(f"cache {path} was made with {k}={have!r}, but {k}={want!r} was asked for; "
+                                "point to the right cache or re-extract")
+        return FeatureCache(
+            path=path, provenance=prov, fingerprint=str(f.attrs["fingerprint"]),
+            class_names=[s.decode() if isinstance(s, bytes) else str(s) for s in f["classes/names"][()]],
+            train_counts=f["classes/train_counts"][()], groups=f["classes/groups"][()],
+            classifier_weight=f["classifier/weight"][()], classifier_bias=f["classifier/bias"][()],
+            variants=[v for v in VARIANTS if v in f])

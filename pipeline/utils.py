@@ -1,0 +1,73 @@
+"""Small shared helpers: user errors, provenance, atomic writes."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits non-zero, no traceback."""
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """Commit of the toolkit's checkout (with '-dirty' when it has uncommitted changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable_dir(path) -> Path:
+    """Create `path` (a directory) if needed; a clear UserError when that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create directory {path}: {e.strerror}; choose a writable --cache-dir") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"directory {path} is not writable; choose a writable --cache-dir")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final, suffix=""):
+    """Yield a temporary path next to `final`; on success move it into place with os.replace.
+
+    On any error the temporary file is removed and whatever was at `final` is left untouched.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
