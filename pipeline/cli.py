@@ -6,10 +6,14 @@ Bad input raises pipeline.utils.UserError anywhere below; it is printed here as 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
-from .utils import UserError
+from .config import SUBSET_SEED
+from .data import DATASETS
+from .models import MODELS
+from .utils import UserError, check_writable_dir
 
 
 class _Group(click.Group):
@@ -31,7 +35,78 @@ def cli():
 
 
 # ---- stage 1 ----------------------------------------------------------------------------------------
-# (the `extract` and `info` commands are defined in pipeline/cli_extract.py region below)
+
+@cli.command()
+@click.option("--dataset", required=True, type=click.Choice(DATASETS), help="Long-tailed dataset to build.")
+@click.option("--data-root", required=True, type=click.Path(path_type=Path),
+              help="CIFAR python folder or ImageFolder root (train/, test/); split files for *-lt lists.")
+@click.option("--imbalance", type=float, default=100.0, help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
+@click.option("--subset-seed", type=int, default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
+@click.option("--backbone", type=click.Choice(sorted(MODELS)), default=None,
+              help="Default: resnet32 for CIFAR, resnet10 otherwise.")
+@click.option("--epochs", type=int, default=None, help="Default 200 (CIFAR) / 90 (ImageNet-LT).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-epochs", type=int, default=None)
+@click.option("--seed", type=int, default=0, help="Training seed (init, shuffling, augmentation).")
+@click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
+@click.option("--bn-recalibrate", is_flag=True,
+              help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              help="auto = bf16 autocast where the device has native bf16.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
+@click.option("--run-name", default=None, help="Folder under --cache-dir (default <dataset>-b<beta>-<backbone>-s<seed>).")
+@click.option("--download", is_flag=True, help="Download CIFAR with torchvision into --data-root if absent.")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
+@click.option("--train-split", type=click.Path(path_type=Path), default=None)
+@click.option("--val-split", type=click.Path(path_type=Path), default=None)
+@click.option("--test-split", type=click.Path(path_type=Path), default=None)
+@click.option("--image-size", type=int, default=None, help="Resize/crop side for non-CIFAR data (default 224).")
+@click.option("--train-limit", type=int, default=None, help="Tiny runs: first k source images per class.")
+@click.option("--test-limit", type=int, default=None, help="Tiny runs: first k test images per class.")
+@click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
+def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
+            image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
+            deterministic, bn_recalibrate, **train_overrides):
+    """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5."""
+    from .data import load_dataset
+    from .train import extract as run_extract
+    check_writable_dir(cache_dir)  # fail before minutes of decoding, not after
+    ds = load_dataset(dataset, data_root, imbalance, subset_seed, download=download, image_root=image_root,
+                      split_files=(train_split, val_split, test_split), image_size=image_size,
+                      train_limit=train_limit, test_limit=test_limit)
+    path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
+                       deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
+                       **train_overrides)
+    click.echo(f"cache: {path}")
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+def info(cache):
+    """Print a feature cache's provenance, splits and class groups."""
+    from .cache import read_cache
+    from .metrics import fmt_acc
+    c = read_cache(cache)
+    p = c.provenance
+    click.echo(f"{c.path}  fingerprint {c.fingerprint}")
+    click.echo(f"  {p.get('dataset')} beta={p.get('imbalance')} {p.get('backbone')} {p.get('epochs')} epochs "
+               f"seed {p.get('seed')}  ({p.get('data_source')})")
+    click.echo(f"  commit {p.get('git_commit')}  torch {p.get('torch_version')}  created {p.get('created')}")
+    for v in c.variants:
+        for s in c.splits(v):
+            x, _ = c.split(s, v)
+            click.echo(f"  {v}/{s}: {x.shape[0]} x {x.shape[1]}")
+    n = [int((c.groups == g).sum()) for g in range(3)]
+    click.echo(f"  classes {c.num_classes}: Many {n[0]} / Medium {n[1]} / Few {n[2]}; "
+               f"train images {int(c.train_counts.sum())}")
+    acc = p.get("final_test_accuracy") or {}
+    if acc:
+        click.echo("  stage-1 softmax test accuracy: " +
+                   "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------
 
