@@ -15,8 +15,8 @@ Layout of ``features.h5`` (schema version 1)::
 
 ``plain`` features come straight from the final checkpoint in eval mode; ``bn_recal`` come from the same
 weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4).
-The fingerprint is a hash of the identifying provenance (data, subset, backbone, recipe, checkpoint
-sha256) so that results rows can say exactly which features they were computed on.
+The fingerprint is a hash of the identifying provenance (data, subset, backbone, recipe, hash of the
+weights) so that results rows can say exactly which features they were computed on.
 """
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ from .metrics import class_groups
 from .utils import UserError, atomic_path
 
 # provenance keys that identify *what* the features are (not when/where they were written)
-IDENTITY_KEYS = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed", "checkpoint_sha256")
+# (the weights' hash, not the checkpoint file's: that one also covers optimizer state and timings)
+IDENTITY_KEYS = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed", "weights_sha256")
 
 
 def fingerprint(provenance: dict) -> str:
     ident = {k: provenance.get(k) for k in IDENTITY_KEYS}
-    ident["config"] = provenance.get("config")
+    # the data's location on disk is not part of what the features are
+    ident["config"] = {k: v for k, v in (provenance.get("config") or {}).items() if k != "source"}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

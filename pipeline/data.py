@@ -134,7 +134,7 @@ def decode_images(paths, size: int | None = None, resize: int | None = None, des
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
         list(tqdm(ex.map(work, range(1, len(paths))), total=len(paths) - 1, desc=desc, leave=False,
-                  disable=len(paths) < 2000, mininterval=2))
+                  disable=True if len(paths) < 2000 else None, mininterval=2))
     return out
 
 
@@ -370,6 +370,7 @@ def load_dataset(name: str, data_root, imbalance: float = 100.0, subset_seed: in
         return load_image_folder(data_root, imbalance, subset_seed, image_size)
     defaults = SPLITFILE_DATASETS[name]
     files = [Path(f) if f else (Path(data_root) / d if d else None) for f, d in zip(split_files, defaults)]
-    if files[2] is not None and not files[2].exists():
-        files[2] = None  # iNaturalist has no separate test list; others fall back to val as test
+    for i in (1, 2):  # a default val/test list that is absent is optional (iNaturalist has no test list)
+        if split_files[i] is None and files[i] is not None and not files[i].exists():
+            files[i] = None
     return load_split_files(name, image_root or data_root, *files, image_size=image_size or 224)

@@ -59,7 +59,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def resolve_config(dataset: LTDataset, **overrides) -> dict:
     """Defaults of the dataset's family (config.TRAIN_DEFAULTS) updated with the non-None overrides."""
-    cfg = dict(TRAIN_DEFAULTS[dataset.family])
+    cfg = dict(TRAIN_DEFAULTS[dataset.family], seed=0)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["backbone"] not in MODELS:
         raise UserError(f"unknown backbone {cfg['backbone']!r}; choose one of {', '.join(MODELS)}")
@@ -172,6 +172,17 @@ def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTR
 # ----------------------------------------------------------------------------------------------------
 # Training with automatic resume
 
+def weights_sha256(model) -> str:
+    """Hash of the model's tensors (parameters and buffers): identifies the weights themselves, unlike the
+    checkpoint file's hash, which also covers optimizer state and wall-clock timings."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _set_determinism(deterministic: bool, device):
     if deterministic:
         if device.type == "cuda":
@@ -198,6 +209,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device) if isinstance(device, str) else device
     _set_determinism(deterministic, device)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -352,7 +364,8 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
     provenance = dict(
         dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
         backbone=cfg["backbone"], epochs=cfg["epochs"], seed=cfg["seed"], config=cfg,
-        checkpoint_sha256=sha256_file(run_dir / "checkpoint.pt"), git_commit=git_commit(),
+        checkpoint_sha256=sha256_file(run_dir / "checkpoint.pt"), weights_sha256=weights_sha256(model),
+        git_commit=git_commit(),
         torch_version=torch.__version__, created=now_iso(), data_source=dataset.source,
         device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                            f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
