@@ -112,6 +112,28 @@ def info(cache):
 
 # ---- reports ----------------------------------------------------------------------------------------
 
+@cli.command()
+@click.option("--cache-root", default="cache", help="Folder holding <run>/features.h5 and <run>/results.csv.")
+@click.option("--out", default="reports", help="Where the tables, figures and README.md are written.")
+@click.option("--no-figures", is_flag=True, help="Tables and README only (no t-SNE / variance analysis).")
+@click.option("--tolerance", type=float, default=1.0, help="Points within which a paper cell counts as reproduced.")
+@click.option("--data-root", "data_roots", multiple=True, metavar="DATASET=DIR",
+              help="Data root written into the `pipeline extract` commands of cells not run (repeatable).")
+@click.option("--list-missing", is_flag=True,
+              help="Only print the `pipeline extract` commands for configurations without a cache; write nothing.")
+def report(cache_root, out, no_figures, tolerance, data_roots, list_missing):
+    """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results."""
+    from .report import build_report, missing_extract_commands, parse_data_roots
+    roots = parse_data_roots(data_roots)
+    if list_missing:
+        for cmd in missing_extract_commands(cache_root, roots):
+            click.echo(cmd)
+        return
+    res = build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots)
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(res.summary())
+
 
 def main(argv=None):
     cli.main(args=argv, prog_name="pipeline")

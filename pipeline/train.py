@@ -322,6 +322,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
             deterministic=False, bn_recalibrate=False, overwrite=False, stop_after=None, log=print,
             **overrides) -> Path | None:
     """Stage 1 end to end.  Returns the path of features.h5 (None when stopped early by ``stop_after``)."""
+    commit = git_commit()  # the code that trains, taken before the long run (the tree may change meanwhile)
     dev = resolve_device(device)
     cfg = resolve_config(dataset, precision=resolve_precision(precision, dev), **overrides)
     run_dir = check_writable_dir(Path(cache_dir) / (run or run_name(dataset.name, dataset.imbalance,
@@ -365,7 +366,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
         backbone=cfg["backbone"], epochs=cfg["epochs"], seed=cfg["seed"], config=cfg,
         checkpoint_sha256=sha256_file(run_dir / "checkpoint.pt"), weights_sha256=weights_sha256(model),
-        git_commit=git_commit(),
+        git_commit=commit,
         torch_version=torch.__version__, created=now_iso(), data_source=dataset.source,
         device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                            f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
