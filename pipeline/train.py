@@ -142,12 +142,25 @@ def _autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def train_step(model, opt, x, y, precision):
+    """One SGD step of softmax cross-entropy (bf16 autocast when asked); returns (loss, logits)."""
+    with _autocast(x.device, precision):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 @torch.no_grad()
 def predict_features(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTRACT_BATCH, precision="fp32"):
     """Frozen penultimate features and logits (eval mode, no augmentation), float32 on the CPU."""
+    from tqdm import tqdm
     model.eval()
     feats, logits = [], []
-    for s in range(0, images_u8.shape[0], batch):
+    starts = range(0, images_u8.shape[0], batch)
+    for s in tqdm(starts, desc="features", leave=False, disable=True if len(starts) < 20 else None):
         x = aug.normalize(images_u8[s:s + batch])
         with _autocast(x.device, precision):
             f = model.forward_features(x)
@@ -282,14 +295,8 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
             lr = lr_at(it, total_iters, warm, cfg["lr"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = aug(x_train[idx])
             y = y_train[idx]
-            with _autocast(device, precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = train_step(model, opt, aug(x_train[idx]), y, precision)
             loss_sum += loss.detach() * idx.numel()
             correct += (logits.argmax(1) == y).sum()
             seen += idx.numel()
