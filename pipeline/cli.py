@@ -109,6 +109,51 @@ def info(cache):
                    "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------
+from .heads import HEADS as _HEADS  # noqa: E402  (the registry feeds --head's choices)
+
+
+@cli.command("fit-head")
+@click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path),
+              help="Run folder or its features.h5 (from `pipeline extract`).")
+@click.option("--head", required=True, type=click.Choice(sorted(_HEADS)), help="Classifier head to fit.")
+@click.option("--tau", type=float, default=None,
+              help="Logit-adjustment weight (>= 0). Default 0; 1 for posthoc-la.  [default: head's]")
+@click.option("--variant", type=click.Choice(["plain", "bn_recal"]), default="plain",
+              help="Feature variant: as extracted, or after BatchNorm re-estimation.")
+@click.option("--seed", type=int, default=0, help="Seed of sampling and initialisation.")
+@click.option("--epochs", type=int, default=None, help="Default 30 (NCM heads) / 10 (crt, lws).")
+@click.option("--batch-size", type=int, default=None, help="Default 512.")
+@click.option("--lr", type=float, default=None, help="Default 5 (NCM heads) / 0.2 (crt, lws).")
+@click.option("--num-centroids", type=int, default=None, help="multi-ncm displacements K (default 20).")
+@click.option("--metric", type=click.Choice(["global", "local"]), default=None,
+              help="metric-ncm: one W or one W_y per class (default global).")
+@click.option("--p", type=float, default=None, help="tau-norm exponent (default 1; 0 = softmax).")
+@click.option("--cl2n/--no-cl2n", default=None, help="ncm: centre on the train mean + L2-normalise.  [default: no]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="auto = cuda if available, else cpu.")
+@click.option("--results", "results_path", type=click.Path(path_type=Path), default=None,
+              help="results.csv to append to.  [default: <cache dir>/results.csv]")
+@click.option("--eval-split", type=click.Choice(["test", "val"]), default="test", help="Split to evaluate on.")
+def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, num_centroids, metric, p, cl2n,
+                 device, results_path, eval_split):
+    """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
+    from .cache import read_cache
+    from .fit import fit_head, record_fit
+    from .metrics import fmt_acc
+    cache = read_cache(cache_path)
+    res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,
+                   epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids, metric=metric,
+                   p=p, cl2n=cl2n)
+    row = record_fit(cache, res, results_path)
+    tau_s = f"  tau {res.tau:g}" if res.tau else ""
+    click.echo(f"head {head}{tau_s}  cache {cache.path}  variant {variant}  ({eval_split} split)")
+    click.echo(" / ".join(f"{k.capitalize()} {fmt_acc(res.acc[k])}" for k in ("many", "medium", "few", "all")))
+    click.echo(f"fit {res.fit_seconds:.2f} s on {res.device}; row {row['fit_id']} -> "
+               f"{results_path or cache.path.parent / 'results.csv'}")
+    if res.ignored:  # e.g. --epochs for ncm: harmless, but say so (and it is not recorded in hparams)
+        click.echo(f"note: head {head} does not use --{', --'.join(k.replace('_', '-') for k in res.ignored)}",
+                   err=True)
+
 
 # ---- reports ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,244 @@
+"""Stage 2: fit one head on a cached feature split, evaluate it, and record the fit.
+
+``fit_head`` validates everything *before* any fitting (so a bad request never produces a results row),
+runs the head from :mod:`pipeline.heads` on the chosen device, and returns a :class:`FitResult`.
+``record_fit`` writes the fit artifact ``<cache dir>/fits/<fit_id>.npz`` and appends one row to
+``<cache dir>/results.csv`` (columns :data:`RESULT_COLUMNS`, in that order).  Earlier rows are never
+rewritten: the new file is the old bytes plus one line, written to a temporary file and moved into place
+with os.replace, under an exclusive lock so that parallel fits cannot lose each other's rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import FeatureCache, read_cache
+from .config import VARIANTS
+from .heads import HEADS, HeadData, check_hparams
+from .metrics import evaluate
+from .utils import UserError, atomic_path, git_commit, now_iso
+
+RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
+                  "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",
+                  "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
+                  "artifact")
+EVAL_SPLITS = ("test", "val")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class FitResult:
+    head: str
+    variant: str
+    tau: float
+    seed: int
+    eval_split: str
+    acc: dict                  # all / many / medium / few, percent (NaN for an empty group)
+    per_class: np.ndarray      # per-class accuracy on the eval split, fraction (NaN: no eval sample)
+    params: dict               # fitted parameters, numpy arrays (saved in the artifact)
+    fit_seconds: float
+    device: str
+    hparams: dict              # hyperparameters actually used (recorded as JSON), incl. eval_split
+    ignored: list = field(default_factory=list)  # hyperparameters given but not used by this head
+    train_counts: np.ndarray | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available (use --device auto/cpu)")
+    return torch.device(device)
+
+
+def _finite(name, a):
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise UserError(f"{name} contain {bad} NaN/inf value(s); re-extract the cache")
+
+
+def _load(cache: FeatureCache, variant: str, eval_split: str):
+    """Read and validate train + eval arrays (UserError on anything a fit cannot use)."""
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {VARIANTS}, got {variant!r}")
+    tx, ty = cache.split("train", variant)
+    ex, ey = cache.split(eval_split, variant)
+    C = cache.num_classes
+    where = f"{cache.path} [{variant}]"
+    for name, x, y in (("train", tx, ty), (eval_split, ex, ey)):
+        if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
+            raise UserError(f"{where} {name} split is malformed (features {x.shape}, labels {y.shape})")
+        if y.min() < 0 or y.max() >= C:
+            raise UserError(f"{where} {name} labels fall outside 0..{C - 1}")
+        _finite(f"{where} {name} features", x)
+    if ex.shape[1] != tx.shape[1] or cache.classifier_weight.shape != (C, tx.shape[1]):
+        raise UserError(f"{where}: feature/classifier dimensions disagree (train {tx.shape[1]}, "
+                        f"{eval_split} {ex.shape[1]}, classifier {cache.classifier_weight.shape})")
+    counts = np.bincount(ty, minlength=C)
+    if (counts == 0).any():
+        raise UserError(f"{where}: {int((counts == 0).sum())} class(es) have no training sample")
+    if not np.array_equal(counts, np.asarray(cache.train_counts)):
+        raise UserError(f"{where}: classes/train_counts disagree with the train labels; re-extract the cache")
+    _finite(f"{where} stage-1 classifier", cache.classifier_weight)
+    _finite(f"{where} stage-1 classifier bias", cache.classifier_bias)
+    return tx, ty, ex, ey, counts
+
+
+def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None, seed: int = 0,
+             device: str = "auto", eval_split: str = "test", **hparams) -> FitResult:
+    """Fit ``head`` on the train split of ``cache`` (a FeatureCache or a path) and evaluate on ``eval_split``.
+
+    ``tau`` None means the head's default (0; 1 for posthoc-la).  ``hparams`` override the head's
+    defaults (None values are ignored, so CLI options can be passed straight through); a known
+    hyperparameter the head does not use is listed in ``FitResult.ignored`` and not recorded.
+    """
+    # -- validation: everything that can be wrong is checked before any fitting --------------------
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    spec = HEADS[head]
+    if tau is None:
+        tau = spec.default_tau
+    tau = float(tau)
+    if not math.isfinite(tau) or tau < 0:
+        raise UserError(f"--tau must be a finite number >= 0, got {tau}")
+    if tau != 0 and not spec.uses_tau:
+        raise UserError(f"head {head!r} does not use --tau (got {tau}); heads that do: "
+                        f"{sorted(n for n, h in HEADS.items() if h.uses_tau)}")
+    if eval_split not in EVAL_SPLITS:
+        raise UserError(f"--eval-split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    given = {k: v for k, v in hparams.items() if v is not None}
+    check_hparams(given)
+    hp = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.defaults}}
+    ignored = sorted(k for k in given if k not in spec.defaults)
+    dev = resolve_device(device)
+    if not isinstance(cache, FeatureCache):
+        cache = read_cache(cache)
+    tx, ty, ex, ey, counts = _load(cache, variant, eval_split)
+
+    # -- fit + evaluate --------------------------------------------------------------------------------
+    t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
+    data = HeadData(train_x=t(tx), train_y=t(ty, torch.int64), eval_x=t(ex), train_counts=t(counts),
+                    classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
+                    seed=int(seed))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    out = spec.fn(data, hp, tau)
+    pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
+    seconds = time.perf_counter() - start  # .cpu() above synchronises a CUDA fit
+    res = evaluate(pred, ey, cache.groups)
+    acc = {k: res[k] for k in ("all", "many", "medium", "few")}
+    return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
+                     per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
+                     hparams={**hp, "eval_split": eval_split}, ignored=ignored, train_counts=counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recording
+
+
+def new_fit_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(round(v, 6))
+    return str(v)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock on ``path`` + '.lock' (POSIX); a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(str(path) + ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _header_line() -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(RESULT_COLUMNS)
+    return buf.getvalue()
+
+
+def append_row(results_path, row: dict) -> None:
+    """Append one row (a dict over RESULT_COLUMNS) atomically; refuse a CSV with other columns."""
+    results_path = Path(results_path)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([_cell(row[c]) for c in RESULT_COLUMNS])
+    line = buf.getvalue()
+    try:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(results_path):
+            old = results_path.read_text() if results_path.exists() else ""
+            if old:
+                header = next(csv.reader(io.StringIO(old)), None)
+                if tuple(header or ()) != RESULT_COLUMNS:
+                    raise UserError(f"{results_path} is not a results file of this toolkit (its columns "
+                                    f"differ); pass another --results path")
+                if not old.endswith("\n"):
+                    old += "\n"
+            else:
+                old = _header_line()
+            with atomic_path(results_path, suffix=".csv") as tmp:
+                tmp.write_text(old + line)
+    except OSError as e:
+        raise UserError(f"cannot write {results_path}: {e.strerror or e}") from None
+
+
+def record_fit(cache, result: FitResult, results_path=None) -> dict:
+    """Save the artifact and append the results row; returns the row (dict over RESULT_COLUMNS)."""
+    if not isinstance(cache, FeatureCache):
+        cache = read_cache(cache)
+    cache_dir = Path(cache.path).resolve().parent
+    results_path = Path(results_path) if results_path else cache_dir / "results.csv"
+    fit_id = new_fit_id()
+    artifact = Path("fits") / f"{fit_id}.npz"
+    arrays = {"per_class_acc": np.asarray(result.per_class, dtype=np.float64),
+              "train_counts": np.asarray(result.train_counts if result.train_counts is not None
+                                         else cache.train_counts, dtype=np.int64)}
+    arrays.update({k: np.asarray(v) for k, v in result.params.items()})
+    try:
+        (cache_dir / "fits").mkdir(exist_ok=True)
+        with atomic_path(cache_dir / artifact, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:  # a file handle: np.savez would append .npz to a path
+                np.savez(fh, **arrays)
+    except OSError as e:
+        raise UserError(f"cannot write the fit artifact under {cache_dir / 'fits'}: {e.strerror or e}") from None
+    prov = cache.provenance
+    row = dict(fit_id=fit_id, timestamp=now_iso(), head=result.head, variant=result.variant, tau=result.tau,
+               seed=result.seed, hparams=json.dumps(result.hparams, sort_keys=True, separators=(",", ":")),
+               cache_path=str(Path(cache.path).resolve()), cache_fingerprint=cache.fingerprint,
+               dataset=prov.get("dataset"), imbalance=prov.get("imbalance"), backbone=prov.get("backbone"),
+               train_seed=prov.get("seed"), stage1_epochs=prov.get("epochs"),
+               acc_all=result.acc["all"], acc_many=result.acc["many"], acc_medium=result.acc["medium"],
+               acc_few=result.acc["few"], fit_seconds=round(result.fit_seconds, 3), device=result.device,
+               git_commit=git_commit(), artifact=artifact.as_posix())
+    try:
+        append_row(results_path, row)
+    except BaseException:
+        (cache_dir / artifact).unlink(missing_ok=True)  # no row -> no orphan artifact
+        raise
+    return row

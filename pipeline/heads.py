@@ -1,0 +1,640 @@
+"""Stage-2 classifier heads on frozen, cached features (paper Sec. 3.1, 4.2-4.4, 5.2, A.3; Decoupling).
+
+Every head is one function registered with ``@register_head(name, ...)``; :data:`HEADS` maps the name to a
+:class:`Head` (the function, the hyperparameters it uses with their defaults, whether it takes ``tau``).
+A head receives a :class:`HeadData` (train/eval features already on the device) and returns a
+:class:`HeadOutput` (eval predictions + the fitted parameters as numpy arrays).  ``pipeline.fit`` does the
+validation, timing, evaluation and bookkeeping; nothing here reads or writes files.
+
+Heads
+-----
+softmax           the stage-1 linear classifier stored in the cache, argmax(W x + b).  The baseline.
+ncm               empirical class means (Eq. 1), prediction argmin_y ||x - mu_y|| (Eq. 2).  ``cl2n=True``
+                  is Decoupling/SimpleShot's CL2N variant: subtract the mean train feature, L2-normalise
+                  every feature, then take class means and Euclidean distances in that space.
+learned-ncm       centroids initialised at the empirical means and learned by SGD on the cross-entropy of
+                  logits -1/2 d(x, mu_y), d the Euclidean (NOT squared) distance (Sec. 4.2, Eq. 6);
+                  prediction argmin d.  With ``tau`` > 0 the training logits are -1/2 d + tau log N_y
+                  (logit adjustment, Eq. 9); prediction is still argmin d.  Records the average pairwise
+                  CDNV of the centroids after every epoch (epoch 0 = empirical means; Sec. 6, Fig. 6b).
+multi-ncm         K shared learned displacements delta_i plus one fixed null displacement (Eq. 10):
+                  d_xy = min_i ||x - (mu_y + delta_i)||, the mu_y frozen at the learned-ncm solution, which
+                  is fitted first inside the same call with the same seed, tau and hyperparameters (so the
+                  stored centroids equal a separate learned-ncm fit).  delta_i ~ N(0, s^2 I/d) with
+                  s = 0.01 * sqrt(mean_y Var_y), i.e. ||delta_i|| is about 1% of the typical distance of a
+                  train feature to its class mean: small enough that the start is (almost) learned-ncm,
+                  non-zero so that the K copies receive different gradients (symmetry breaking).
+local-projection  Eq. 4: d^_xy = (x-mu_y)^T Q_y diag(sigmoid(w_y)) Q_y^T (x-mu_y) with Q_y the eigenvectors
+                  of the MLE class covariance (Eq. 1) and mu_y the empirical means (both fixed); only w_y
+                  is learned (CE on -1/2 d^).  w starts at 0 (sigmoid = 1/2, i.e. plain squared-Euclidean
+                  NCM up to scale, where the sigmoid is steepest).  Saved ``local_weights`` = sigmoid(w_y)
+                  with columns in ascending eigenvalue order (higher index = higher eigenvalue, as in
+                  Fig. 3).  Cost O(B C d^2) per step: an analysis head for CIFAR-sized C and d.
+metric-ncm        A.3 / Table 5: d = ||W (x - mu_y)|| (non-squared, as learned-ncm) with a Mahalanobis
+                  factor W learned jointly with the centroids; ``metric="global"`` one W (init identity),
+                  ``"local"`` one W_y per class (init identity; O(B C d^2) per step, O(C d^2) memory).
+crt               Decoupling's classifier re-training: a freshly initialised linear layer (nn.Linear's
+                  default init) trained with class-balanced sampling, SGD momentum 0.9, weight decay 5e-4,
+                  lr 0.2 with a per-epoch cosine schedule, 10 epochs, batch 512 (Decoupling's cRT config).
+                  Unlike Decoupling it trains on the cached, un-augmented features (no backbone re-forward).
+                  ``tau`` > 0 adds tau log N_y to the training logits (loss-based logit adjustment).
+lws               Decoupling's learnable weight scaling: logits f_y (W_y x + b_y) on the frozen stage-1
+                  classifier, only the scales f (init 1) are learned, same recipe as crt; ``tau`` as crt.
+tau-norm          Decoupling's tau-normalisation: W_y / ||W_y||^p, bias dropped, ``p`` default 1.  p = 0 is
+                  defined as the unnormalised classifier WITH its bias, i.e. exactly the softmax head (so
+                  "p = 0 equals softmax" is a real check).  Note the jump: any p > 0 drops the bias.
+posthoc-la        Menon et al.'s post-hoc logit adjustment of the stage-1 classifier:
+                  argmax(W x + b - tau log pi_y), pi the train class prior; ``tau`` defaults to 1 here.
+
+Shared optimisation recipe (learned-ncm, multi-ncm, local-projection, metric-ncm; paper Sec. 5.2): SGD,
+lr 5, momentum 0.9, total gradient-norm clipping at 0.1 (torch.nn.utils.clip_grad_norm_), constant lr.
+The paper gives no epoch count or batch size.  We use 30 epochs of batch 512 (config.HEAD_DEFAULTS), an
+"epoch" being N_train class-balanced draws.  With clipping, a step moves the centroids by at most
+lr * clip = 0.5 in total (times the momentum gain), so the budget is counted in steps: 30 epochs are 660
+steps on CIFAR-100-LT and 6.8k on ImageNet-LT.  On a CIFAR-100-LT-sized synthetic cache the CDNV and the
+test accuracy have levelled off by then (90 epochs: same accuracy, CDNV 0.304 -> 0.299, while the train
+loss still creeps down, 0.46 -> 0.39), and an ImageNet-LT-sized fit stays a GEMM-bound ~7 TFLOP (about a
+minute on two uncontended AVX-512 cores; see benchmarks/stage2_speed.py).  Batch 512 is Decoupling's
+stage-2 batch size.
+
+Class-balanced ("uniform") sampling: every draw picks a class uniformly at random, then one of its
+training samples uniformly at random (i.i.d. with replacement; an epoch = N_train such draws).  In
+expectation this is Decoupling's class-aware sampler; it needs no per-class queues and is one vectorised
+call on the device.
+
+Speed: distances use the ||x||^2 - 2 x.mu + ||mu||^2 expansion (one GEMM per batch, never a [B, C, d]
+tensor); learned-ncm's loss has a fused closed-form backward (Eq. 6, :class:`_NCMCrossEntropy`), and
+multi-ncm shares that GEMM across all K+1 displacements (:func:`multi_min_sq`).  No Python loop runs over
+samples (only over epochs, batches, row blocks at prediction, and classes in class_eigh).
+
+Determinism: all randomness goes through torch.Generator objects seeded from ``seed`` (initial values are
+drawn on the CPU and then moved, so CPU and CUDA start identically); CPU fits are bit-for-bit repeatable,
+CUDA fits are repeatable up to the non-determinism of index_add/scatter kernels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import HEAD_DEFAULTS
+from .utils import UserError
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass
+class Head:
+    name: str
+    fn: Callable
+    defaults: dict            # hyperparameters the head uses, with their defaults
+    uses_tau: bool = False    # whether ``tau`` changes what the head does
+    default_tau: float = 0.0
+    summary: str = ""
+
+
+HEADS: dict[str, Head] = {}
+
+
+def register_head(name, *, defaults=None, uses_tau=False, default_tau=0.0):
+    """Register ``fn(data: HeadData, hp: dict, tau: float) -> HeadOutput`` under ``name``."""
+    def deco(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        HEADS[name] = Head(name, fn, dict(defaults or {}), uses_tau, float(default_tau), doc[0] if doc else "")
+        return fn
+    return deco
+
+
+# Hyperparameter sets.  The paper's recipe for every NCM-family head (Sec. 5.2) ...
+SGD_DEFAULTS = {k: HEAD_DEFAULTS[k] for k in ("epochs", "batch_size", "lr", "momentum", "clip")}
+# ... and Decoupling's cRT / LWS recipe (configs/ImageNet_LT/*_crt.yaml: lr 0.2, cosine, 10 epochs, 512).
+DECOUPLING_DEFAULTS = dict(epochs=10, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4)
+MULTI_INIT_SCALE = 0.01  # ||delta_i|| ~ 1% of the typical feature-to-centroid distance
+
+# every hyperparameter any head accepts, with its validator (value -> error message or None)
+HPARAM_CHECKS = {
+    "epochs": lambda v: None if isinstance(v, int) and v >= 1 else "must be an integer >= 1",
+    "batch_size": lambda v: None if isinstance(v, int) and v >= 1 else "must be an integer >= 1",
+    "lr": lambda v: None if math.isfinite(v) and v > 0 else "must be > 0",
+    "momentum": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    "clip": lambda v: None if math.isfinite(v) and v > 0 else "must be > 0",
+    "weight_decay": lambda v: None if math.isfinite(v) and v >= 0 else "must be >= 0",
+    "num_centroids": lambda v: None if isinstance(v, int) and v >= 1 else "must be an integer >= 1",
+    "metric": lambda v: None if v in ("global", "local") else "must be 'global' or 'local'",
+    "p": lambda v: None if math.isfinite(v) and v >= 0 else "must be >= 0",
+    "cl2n": lambda v: None if isinstance(v, bool) else "must be true or false",
+}
+
+
+def check_hparams(hp: dict) -> None:
+    for k, v in hp.items():
+        if k not in HPARAM_CHECKS:
+            raise UserError(f"unknown hyperparameter {k!r}; known: {sorted(HPARAM_CHECKS)}")
+        msg = HPARAM_CHECKS[k](v)
+        if msg:
+            raise UserError(f"--{k.replace('_', '-')} {msg}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data handed to a head
+
+
+@dataclass
+class HeadData:
+    """Features on the device (float32) plus what heads need from the cache."""
+    train_x: torch.Tensor          # [N, d]
+    train_y: torch.Tensor          # [N] int64
+    eval_x: torch.Tensor           # [M, d]
+    train_counts: torch.Tensor     # [C] float32, N_y
+    classifier_weight: torch.Tensor  # [C, d] stage-1 classifier
+    classifier_bias: torch.Tensor    # [C]
+    seed: int = 0
+    _stats: tuple | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train_counts.numel())
+
+    @property
+    def dim(self) -> int:
+        return int(self.train_x.shape[1])
+
+    def class_stats(self):
+        """(empirical means [C,d] float32 on device, within-class mean squared distance to them [C] f64).
+
+        Accumulated in float64 so that the variance (a difference of large sums) stays accurate.
+        """
+        if self._stats is None:
+            x = self.train_x.double()
+            C = self.num_classes
+            n = torch.bincount(self.train_y, minlength=C).double()
+            s = torch.zeros(C, self.dim, dtype=torch.float64, device=self.device).index_add_(0, self.train_y, x)
+            ss = torch.zeros(C, dtype=torch.float64, device=self.device).index_add_(0, self.train_y, (x * x).sum(1))
+            mean = s / n[:, None]
+            within = (ss / n - (mean * mean).sum(1)).clamp_min(0)
+            self._stats = (mean.float(), within.cpu().numpy())
+        return self._stats
+
+
+@dataclass
+class HeadOutput:
+    pred: torch.Tensor | np.ndarray   # [M] predicted class per eval sample
+    params: dict                      # name -> numpy array, saved in the fit artifact
+
+
+def generators(seed: int, device, stream: int = 0):
+    """(CPU generator for initial values, device generator for sampling) of one random stream."""
+    s = int(seed) * 1000 + stream  # distinct, reproducible streams per seed
+    cpu = torch.Generator().manual_seed(s)
+    dev = cpu if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(s)
+    return cpu, dev
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distances and predictions (plain functions: the tests use them directly)
+
+EVAL_CHUNK = 8192  # rows per prediction chunk; identical for all NCM predictors (identical float rounding)
+
+
+D2_FLOOR = 1e-12  # squared-distance floor before sqrt: a sample exactly on a centroid has no direction
+
+
+def sq_dists(x: torch.Tensor, mu: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """||x_b - mu_c||^2 for all pairs [B, C] via ||x||^2 - 2 x.mu + ||mu||^2 (one GEMM, no [B,C,d]).
+
+    Not clamped: cancellation can make it slightly negative; :func:`euclid` clamps before the sqrt, and
+    argmin is unaffected.
+    """
+    if x2 is None:
+        x2 = (x * x).sum(1)
+    mu2 = (mu * mu).sum(1)
+    return torch.addmm(x2[:, None] + mu2[None, :], x, mu.t(), alpha=-2.0)
+
+
+def euclid(d2: torch.Tensor) -> torch.Tensor:
+    # the floor keeps the gradient finite for a sample sitting exactly on a centroid (it is 0 there)
+    return d2.clamp_min(D2_FLOOR).sqrt()
+
+
+def ncm_logits(x, mu, offsets=None, x2=None):
+    """Learned-NCM training logits -1/2 ||x - mu_y|| (+ offsets_y, e.g. tau log N_y) [B, C]."""
+    logits = -0.5 * euclid(sq_dists(x, mu, x2))
+    return logits if offsets is None else logits + offsets
+
+
+def ncm_loss(x, y, mu, offsets=None, x2=None):
+    """Mean cross-entropy of :func:`ncm_logits` (Eq. 3 with Euclidean d; Eq. 9 with offsets).
+
+    The plain-autograd reference; training uses :func:`ncm_loss_fast` (same value and gradient).
+    """
+    return F.cross_entropy(ncm_logits(x, mu, offsets, x2), y)
+
+
+class _NCMCrossEntropy(torch.autograd.Function):
+    """:func:`ncm_loss` with the closed-form centroid gradient of Eq. 6, fused to cut [B, C] passes.
+
+    With G = softmax(logits) - onehot(y):  dL/dmu_z = 1/(2B) sum_b G_bz (x_b - mu_z) / d_bz
+    = (H^T X)_z - mu_z sum_b H_bz,  H = G / (2 B d).  One GEMM forward, one backward, about half the
+    element-wise passes of autograd (this loop is GEMM + memory bound: ImageNet-LT is 6.8k steps of
+    [512, 1000]).  Only the centroids get a gradient.  Differs from autograd only for a sample within
+    1e-6 of a centroid, where autograd's clamp gives 0 and this gives a term bounded by |G|/(2B).
+    """
+
+    @staticmethod
+    def forward(ctx, mu, x, x2, y, offsets):
+        d = sq_dists(x, mu, x2).clamp_min_(D2_FLOOR).sqrt_()
+        logits = d.mul(-0.5)
+        if offsets is not None:
+            logits += offsets
+        lse = torch.logsumexp(logits, 1)
+        loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).mean()
+        p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        ctx.save_for_backward(mu, x, d, p, y)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        mu, x, d, p, y = ctx.saved_tensors
+        B = x.shape[0]
+        p[torch.arange(B, device=p.device), y] -= 1.0  # G = p - onehot (p is not needed afterwards)
+        H = p.div_(d).mul_(grad_out / (2 * B))
+        grad_mu = H.t() @ x - mu * H.sum(0)[:, None]
+        return grad_mu, None, None, None, None
+
+
+def ncm_loss_fast(x, y, mu, offsets=None, x2=None):
+    """Same as :func:`ncm_loss` (value and centroid gradient), fused; ``x`` gets no gradient."""
+    if x2 is None:
+        x2 = (x * x).sum(1)
+    return _NCMCrossEntropy.apply(mu, x, x2, y, offsets)
+
+
+@torch.no_grad()
+def ncm_predict(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """argmin_y ||x - mu_y|| (Eq. 2), in chunks of EVAL_CHUNK rows."""
+    return torch.cat([sq_dists(c, mu).argmin(1) for c in x.split(EVAL_CHUNK)])
+
+
+def multi_min_sq(A, xD, muD, DD):
+    """min over displacements of ||x - (mu_y + delta_i)||^2 (unclamped) and its argmin, both [B, C].
+
+    ||x - mu_y - delta_i||^2 = A_by + e_byi with A = ||x - mu||^2 (the big GEMM, shared by all K+1
+    displacements) and e_byi = 2 mu_y.delta_i + ||delta_i||^2 - 2 x_b.delta_i, so only the small
+    [B, C, K+1] tensor e is built and A is added once after the min.  Column 0 of xD/muD/DD is the null
+    displacement (exactly zero); with all displacements zero, e == 0 and the result is exactly A.
+    """
+    e = (2.0 * muD + DD)[None] - 2.0 * xD[:, None, :]
+    emin, arg = e.min(-1)
+    return A + emin, arg
+
+
+def _with_null(delta: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(delta[:1]), delta])
+
+
+@torch.no_grad()
+def multi_ncm_predict(x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """argmin_y min_i ||x - (mu_y + delta_i)|| with the null displacement included (Eq. 10).
+
+    A is computed on the same EVAL_CHUNK row blocks as :func:`ncm_predict` (identical rounding); the
+    [rows, C, K+1] tensor is built for sub-blocks small enough to stay around 16M elements.
+    """
+    D = _with_null(delta)
+    muD, DD = mu @ D.t(), (D * D).sum(1)
+    sub = max(1, 2 ** 24 // (mu.shape[0] * D.shape[0]))
+    out = []
+    for c in x.split(EVAL_CHUNK):
+        A = sq_dists(c, mu)
+        cD = c @ D.t()
+        out += [multi_min_sq(a, xd, muD, DD)[0].argmin(1) for a, xd in zip(A.split(sub), cD.split(sub))]
+    return torch.cat(out)
+
+
+def cdnv(mu: np.ndarray, class_means: np.ndarray, within: np.ndarray) -> tuple[float, float]:
+    """Average pairwise class-distance normalised variance of centroids ``mu`` (Galanti et al. 2021).
+
+    CDNV(i, j) = (Var_i + Var_j) / (2 ||mu_i - mu_j||^2), averaged over pairs i < j.  Returns two readings:
+    Var_y = mean squared distance of class-y train features to the centroid mu_y being evaluated
+    (= within_y + ||xbar_y - mu_y||^2), and Var_y fixed at the empirical within-class variance (the paper's
+    "we assume the intra-class variance does not change", Sec. 6).  float64 throughout.
+    """
+    mu = np.asarray(mu, np.float64)
+    var_mu = within + ((np.asarray(class_means, np.float64) - mu) ** 2).sum(1)
+    sq = (mu * mu).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * mu @ mu.T, 1e-30)
+    iu = np.triu_indices(len(mu), k=1)
+    den = 2.0 * d2[iu]
+    return (float(np.mean((var_mu[:, None] + var_mu[None, :])[iu] / den)),
+            float(np.mean((within[:, None] + within[None, :])[iu] / den)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class-balanced sampling and the shared SGD loop
+
+
+class BalancedSampler:
+    """Draw a class uniformly, then one of its samples uniformly (i.i.d., with replacement)."""
+
+    def __init__(self, y: torch.Tensor, num_classes: int, generator: torch.Generator):
+        self.order = torch.argsort(y, stable=True)  # indices grouped by class
+        self.counts = torch.bincount(y, minlength=num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.C, self.gen, self.device = num_classes, generator, y.device
+
+    def draw(self, n: int) -> torch.Tensor:
+        c = torch.randint(self.C, (n,), generator=self.gen, device=self.device)
+        u = torch.rand(n, generator=self.gen, device=self.device, dtype=torch.float64)
+        cnt = self.counts[c]
+        j = torch.minimum((u * cnt).long(), cnt - 1)
+        return self.order[self.starts[c] + j]
+
+
+def train_sgd(params, batch_loss, data: HeadData, hp: dict, gen: torch.Generator, *, tensors=None,
+              clip=None, weight_decay=0.0, cosine=False, on_epoch=None) -> np.ndarray:
+    """Minimise ``batch_loss(*batch)`` over class-balanced batches; returns the mean loss of every epoch.
+
+    ``tensors`` (default (train_x, train_y)) are indexed by the epoch's draws once per epoch and split into
+    batches of ``batch_size`` (the last one smaller), which are handed to ``batch_loss``: one gather per
+    epoch instead of several per step.  ``clip`` is the total gradient-norm threshold; ``cosine`` anneals
+    the lr per epoch to 0 (Decoupling's schedule).
+    """
+    tensors = (data.train_x, data.train_y) if tensors is None else tensors
+    opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=weight_decay)
+    sampler = BalancedSampler(data.train_y, data.num_classes, gen)
+    n, bs, epochs = data.train_x.shape[0], hp["batch_size"], hp["epochs"]
+    losses = []
+    for epoch in range(epochs):
+        if cosine:
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * hp["lr"] * (1 + math.cos(math.pi * epoch / epochs))
+        idx = sampler.draw(n)
+        total = torch.zeros((), device=data.device)
+        for batch in zip(*(t[idx].split(bs) for t in tensors)):
+            loss = batch_loss(*batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            total += loss.detach() * batch[0].shape[0]  # stays on the device: no sync per step
+        losses.append(float(total) / n)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return np.asarray(losses, dtype=np.float64)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _offsets(data: HeadData, tau: float):
+    """tau log N_y (Eq. 9), or None for tau = 0 (then the logits are exactly the plain ones)."""
+    return None if tau == 0 else tau * torch.log(data.train_counts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads on the stage-1 classifier
+
+
+def _stage1_logits(data: HeadData, x):
+    return torch.addmm(data.classifier_bias, x, data.classifier_weight.t())
+
+
+@register_head("softmax")
+def softmax_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Stage-1 softmax classifier from the cache, argmax(W x + b) (baseline)."""
+    return HeadOutput(_stage1_logits(data, data.eval_x).argmax(1), {})
+
+
+@register_head("tau-norm", defaults=dict(p=1.0))
+def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Decoupling's tau-normalised classifier W_y/||W_y||^p, bias dropped (p = 0: softmax, with bias)."""
+    p = hp["p"]
+    W, b = data.classifier_weight, data.classifier_bias
+    if p == 0:  # defined as the unnormalised classifier with its bias = the softmax head exactly
+        Wn, bn = W, b
+    else:
+        Wn, bn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(p), torch.zeros_like(b)
+    pred = torch.addmm(bn, data.eval_x, Wn.t()).argmax(1)
+    return HeadOutput(pred, dict(weight=_np(Wn), bias=_np(bn)))
+
+
+@register_head("posthoc-la", uses_tau=True, default_tau=1.0)
+def posthoc_la_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Post-hoc logit adjustment argmax(W x + b - tau log pi_y) (Menon et al. 2021)."""
+    adjust = -tau * torch.log(data.train_counts / data.train_counts.sum())
+    pred = (_stage1_logits(data, data.eval_x) + adjust).argmax(1)
+    return HeadOutput(pred, dict(adjustment=_np(adjust)))
+
+
+def _balanced_linear(data, hp, tau, W, b, scales, train_params):
+    """Train (a subset of) W, b, scales of logits scales * (W x + b) with Decoupling's recipe."""
+    _, gen = generators(data.seed, data.device)
+    offsets = _offsets(data, tau)
+
+    def batch_loss(x, y):
+        logits = scales * torch.addmm(b, x, W.t())
+        return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+
+    losses = train_sgd(train_params, batch_loss, data, hp, gen, weight_decay=hp["weight_decay"], cosine=True)
+    with torch.no_grad():
+        pred = (scales * torch.addmm(b, data.eval_x, W.t())).argmax(1)
+    return pred, losses
+
+
+@register_head("crt", defaults=DECOUPLING_DEFAULTS, uses_tau=True)
+def crt_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Decoupling's cRT: re-initialised linear classifier, class-balanced sampling."""
+    cpu_gen, _ = generators(data.seed, data.device, stream=1)
+    bound = 1.0 / math.sqrt(data.dim)  # nn.Linear's default init, drawn from our generator
+    W = ((torch.rand(data.num_classes, data.dim, generator=cpu_gen) * 2 - 1) * bound).to(data.device)
+    b = ((torch.rand(data.num_classes, generator=cpu_gen) * 2 - 1) * bound).to(data.device)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    one = torch.ones(data.num_classes, device=data.device)
+    pred, losses = _balanced_linear(data, hp, tau, W, b, one, [W, b])
+    return HeadOutput(pred, dict(weight=_np(W), bias=_np(b), loss_per_epoch=losses))
+
+
+@register_head("lws", defaults=DECOUPLING_DEFAULTS, uses_tau=True)
+def lws_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Decoupling's LWS: learned per-class scales f_y on the frozen stage-1 classifier."""
+    scales = torch.ones(data.num_classes, device=data.device, requires_grad=True)
+    W, b = data.classifier_weight, data.classifier_bias
+    pred, losses = _balanced_linear(data, hp, tau, W, b, scales, [scales])
+    return HeadOutput(pred, dict(weight=_np(W), bias=_np(b), scales=_np(scales), loss_per_epoch=losses))
+
+
+# ----------------------------------------------------------------------------------------------------
+# NCM family
+
+
+@register_head("ncm", defaults=dict(cl2n=False))
+def ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Nearest empirical class mean, Euclidean (Eq. 1-2); cl2n: centre on the train mean + L2-normalise."""
+    if not hp["cl2n"]:
+        mu, _ = data.class_stats()
+        return HeadOutput(ncm_predict(data.eval_x, mu), dict(centroids=_np(mu), empirical_centroids=_np(mu)))
+    center = data.train_x.mean(0, keepdim=True)
+
+    def cl2n(x):
+        x = x - center
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    tx = cl2n(data.train_x)
+    C = data.num_classes
+    mu = torch.zeros(C, data.dim, device=data.device).index_add_(0, data.train_y, tx)
+    mu = mu / data.train_counts[:, None]
+    return HeadOutput(ncm_predict(cl2n(data.eval_x), mu),
+                      dict(centroids=_np(mu), empirical_centroids=_np(mu), cl2n_center=_np(center[0])))
+
+
+def fit_learned_ncm(data: HeadData, hp: dict, tau: float):
+    """Learned-NCM centroids (Sec. 4.2) -> (centroids tensor, params dict)."""
+    _, gen = generators(data.seed, data.device)
+    emp, within = data.class_stats()
+    emp_np = _np(emp)
+    mu = emp.clone().requires_grad_(True)
+    X2 = (data.train_x ** 2).sum(1)  # ||x||^2 once, gathered with the batches
+    offsets = _offsets(data, tau)
+    cd = [cdnv(emp_np, emp_np, within)]
+
+    def batch_loss(x, y, x2):
+        return ncm_loss_fast(x, y, mu, offsets, x2)
+
+    def on_epoch(_):
+        cd.append(cdnv(_np(mu), emp_np, within))
+
+    losses = train_sgd([mu], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
+                       clip=hp["clip"], on_epoch=on_epoch)
+    mu = mu.detach()
+    cd = np.asarray(cd, dtype=np.float64)
+    return mu, dict(centroids=_np(mu), empirical_centroids=emp_np, cdnv_per_epoch=cd[:, 0],
+                    cdnv_fixed_var_per_epoch=cd[:, 1], loss_per_epoch=losses)
+
+
+@register_head("learned-ncm", defaults=SGD_DEFAULTS, uses_tau=True)
+def learned_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Learned-NCM: centroids learned by SGD on CE(-1/2 ||x - mu_y||) (+ tau log N_y), argmin d."""
+    mu, params = fit_learned_ncm(data, hp, tau)
+    return HeadOutput(ncm_predict(data.eval_x, mu), params)
+
+
+@register_head("multi-ncm", defaults=dict(SGD_DEFAULTS, num_centroids=HEAD_DEFAULTS["num_centroids"]),
+               uses_tau=True)
+def multi_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Multi-NCM (Eq. 10): K shared displacements + a null one around frozen learned-ncm centroids."""
+    mu, ncm_params = fit_learned_ncm(data, hp, tau)
+    cpu_gen, gen = generators(data.seed, data.device, stream=2)
+    _, within = data.class_stats()
+    scale = MULTI_INIT_SCALE * math.sqrt(float(within.mean())) / math.sqrt(data.dim)
+    K = hp["num_centroids"]
+    delta = (torch.randn(K, data.dim, generator=cpu_gen) * scale).to(data.device).requires_grad_(True)
+    X2 = (data.train_x ** 2).sum(1)
+    offsets = _offsets(data, tau)
+
+    def batch_loss(x, y, x2):
+        D = _with_null(delta)
+        xD, muD, DD = x @ D.t(), mu @ D.t(), (D * D).sum(1)   # the only terms depending on delta
+        with torch.no_grad():  # which displacement is nearest for every (sample, class)
+            A = sq_dists(x, mu, x2)
+            _, arg = multi_min_sq(A, xD, muD, DD)
+        # re-evaluate the chosen distances with gradient: same value as the min, and the gradient autograd
+        # would give through min (it flows to the chosen displacement only); gathers, not indexing,
+        # because their backward (scatter_add) is much cheaper than index_put
+        d2 = A + (2.0 * muD + DD).t().gather(0, arg) - 2.0 * xD.gather(1, arg)
+        logits = -0.5 * euclid(d2)
+        return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+
+    losses = train_sgd([delta], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
+                       clip=hp["clip"])
+    delta = delta.detach()
+    params = dict(centroids=ncm_params["centroids"], empirical_centroids=ncm_params["empirical_centroids"],
+                  displacements=_np(delta), loss_per_epoch=losses,
+                  centroid_loss_per_epoch=ncm_params["loss_per_epoch"],
+                  cdnv_per_epoch=ncm_params["cdnv_per_epoch"],
+                  cdnv_fixed_var_per_epoch=ncm_params["cdnv_fixed_var_per_epoch"])
+    return HeadOutput(multi_ncm_predict(data.eval_x, mu, delta), params)
+
+
+def class_eigh(data: HeadData):
+    """Per-class MLE covariance (Eq. 1) eigendecomposition: (eigenvalues [C,d] ascending, Q [C,d,d])."""
+    mu, _ = data.class_stats()
+    order = torch.argsort(data.train_y, stable=True)
+    counts = torch.bincount(data.train_y, minlength=data.num_classes).tolist()
+    covs = []
+    for y, block in enumerate(data.train_x[order].split(counts)):  # loop over classes, not samples
+        z = (block - mu[y]).double()
+        covs.append(z.t() @ z / z.shape[0])
+    evals, Q = torch.linalg.eigh(torch.stack(covs))
+    return evals.float(), Q.float()
+
+
+@register_head("local-projection", defaults=SGD_DEFAULTS, uses_tau=True)
+def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Local projection (Eq. 4): learned sigmoid weights per class eigendimension, squared distance."""
+    _, gen = generators(data.seed, data.device)
+    mu, _ = data.class_stats()
+    evals, Q = class_eigh(data)
+    C, d = data.num_classes, data.dim
+    Qcat = Q.permute(1, 0, 2).reshape(d, C * d)          # column y*d+k = eigenvector k of class y
+    m = torch.einsum("cd,cdk->ck", mu, Q)                 # mu_y projected on its own eigenbasis
+    w = torch.zeros(C, d, device=data.device, requires_grad=True)
+    offsets = _offsets(data, tau)
+
+    def proj_sq(x):  # (Q_y^T (x - mu_y))^2 for every class: [B, C, d]; independent of w
+        return ((x @ Qcat).view(-1, C, d) - m).square()
+
+    def batch_loss(x, y):
+        with torch.no_grad():
+            z2 = proj_sq(x)
+        logits = -0.5 * (z2 * torch.sigmoid(w)).sum(-1)
+        return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+
+    losses = train_sgd([w], batch_loss, data, hp, gen, clip=hp["clip"])
+    with torch.no_grad():
+        s = torch.sigmoid(w)
+        chunk = max(1, 2 ** 24 // (C * d))
+        pred = torch.cat([(proj_sq(c) * s).sum(-1).argmin(1) for c in data.eval_x.split(chunk)])
+    return HeadOutput(pred, dict(local_weights=_np(s), eigenvalues=_np(evals), centroids=_np(mu),
+                                 empirical_centroids=_np(mu), loss_per_epoch=losses))
+
+
+@register_head("metric-ncm", defaults=dict(SGD_DEFAULTS, metric="global"), uses_tau=True)
+def metric_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
+    """Learned Mahalanobis metric + centroids (A.3): d = ||W (x - mu_y)||, W global or per class."""
+    _, gen = generators(data.seed, data.device)
+    emp, _ = data.class_stats()
+    C, d = data.num_classes, data.dim
+    mu = emp.clone().requires_grad_(True)
+    local = hp["metric"] == "local"
+    eye = torch.eye(d, device=data.device)
+    W = (eye.expand(C, d, d).clone() if local else eye.clone()).requires_grad_(True)
+    offsets = _offsets(data, tau)
+
+    def sq(x):  # ||W_(y) (x - mu_y)||^2 [B, C]
+        if not local:
+            return sq_dists(x @ W.t(), mu @ W.t())
+        u = (x @ W.reshape(C * d, d).t()).view(-1, C, d) - torch.einsum("cij,cj->ci", W, mu)
+        return u.square().sum(-1)
+
+    def batch_loss(x, y):
+        logits = -0.5 * euclid(sq(x))
+        return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+
+    losses = train_sgd([mu, W], batch_loss, data, hp, gen, clip=hp["clip"])
+    with torch.no_grad():
+        chunk = EVAL_CHUNK if not local else max(1, 2 ** 24 // (C * d))
+        pred = torch.cat([sq(c).argmin(1) for c in data.eval_x.split(chunk)])
+    return HeadOutput(pred, dict(centroids=_np(mu), empirical_centroids=_np(emp), metric_weight=_np(W),
+                                 loss_per_epoch=losses))

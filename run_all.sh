@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Fit every stage-2 head the paper's tables and figures need on every stage-1 cache, then write the report.
+#
+#   ./run_all.sh [--cache-root DIR] [--out DIR] [--quick] [--python PY] [--extract-missing]
+#                [--data-root DATASET=DIR ...]
+#
+# Never retrains stage 1 unless --extract-missing is given.  Rerunnable: a second run appends new fit
+# rows to each results.csv, and the report takes the latest row per configuration, so the tables are
+# identical (fits are deterministic on CPU for a given seed).
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: run_all.sh [options]
+
+  --cache-root DIR        caches to use: DIR/<run>/features.h5 (default: cache)
+  --out DIR               report folder (default: reports)
+  --quick                 only ncm and learned-ncm (tau 0 and 1/8): a smoke test, not the paper's tables
+  --python PY             run the toolkit as "PY -m pipeline.cli" (default: `pipeline` on PATH, else
+                          "python3 -m pipeline.cli")
+  --extract-missing       first run `pipeline extract` (stage-1 training, hours per CIFAR run on CPU) for the
+                          configurations the tables need that have no cache yet
+  --data-root DATASET=DIR data root for --extract-missing and for the commands printed in the report
+                          (repeatable; cifar10-lt defaults to ../shared/data/cifar10-jpeg)
+  --no-figures            pass --no-figures to `pipeline report`
+  -h, --help              this help
+EOF
+}
+
+CACHE_ROOT=cache
+OUT=reports
+QUICK=0
+PY_ARG=""
+EXTRACT=0
+FIG_FLAG=()
+DATA_ROOTS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cache-root) CACHE_ROOT="${2:?--cache-root needs a value}"; shift 2 ;;
+    --out) OUT="${2:?--out needs a value}"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --python) PY_ARG="${2:?--python needs a value}"; shift 2 ;;
+    --extract-missing) EXTRACT=1; shift ;;
+    --data-root) DATA_ROOTS+=(--data-root "${2:?--data-root needs DATASET=DIR}"); shift 2 ;;
+    --no-figures) FIG_FLAG=(--no-figures); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_all.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+# ---- how to call the toolkit -------------------------------------------------------------------------
+can_import() { "$1" -c 'import pipeline.cache' >/dev/null 2>&1; }
+if [[ -n "$PY_ARG" ]]; then
+  PY="$PY_ARG"
+  can_import "$PY" || { echo "run_all.sh: $PY cannot import the pipeline package" >&2; exit 2; }
+  PIPE=("$PY" -m pipeline.cli)
+else
+  PY=""
+  PIPE=()
+  if command -v pipeline >/dev/null 2>&1; then
+    PIPE=(pipeline)
+    shebang=$(head -n1 "$(command -v pipeline)" 2>/dev/null | sed -n 's/^#![[:space:]]*//p' | awk '{print $1}')
+    if [[ -n "$shebang" && -x "$shebang" ]] && can_import "$shebang"; then PY="$shebang"; fi
+  fi
+  if [[ -z "$PY" ]]; then
+    for cand in python3 python; do
+      if command -v "$cand" >/dev/null 2>&1 && can_import "$cand"; then PY="$cand"; break; fi
+    done
+  fi
+  [[ -n "$PY" ]] || { echo "run_all.sh: no python that can import the pipeline package; use --python" >&2; exit 2; }
+  if [[ ${#PIPE[@]} -eq 0 ]]; then PIPE=("$PY" -m pipeline.cli); fi
+fi
+
+T0=$(date +%s)
+NSTEP=0
+step() {  # step "<name>" cmd args...: print, run, and stop the script naming the step if it fails
+  local name="$1"; shift
+  NSTEP=$((NSTEP + 1))
+  echo "==> [$NSTEP] $name"
+  echo "    \$ $*"
+  local t=$(date +%s) rc=0
+  "$@" || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "run_all.sh: FAILED at step $NSTEP ($name), exit status $rc: $*" >&2
+    echo "run_all.sh: total time $(( $(date +%s) - T0 )) s" >&2
+    exit "$rc"
+  fi
+  echo "    done in $(( $(date +%s) - t )) s"
+}
+
+# ---- stage 1, only when asked -------------------------------------------------------------------------
+if [[ $EXTRACT -eq 1 ]]; then
+  mkdir -p "$CACHE_ROOT"
+  EXTRACT_ROOTS=(${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"})
+  # the offline CIFAR-10 copy next to the checkout, as an absolute path so any working directory works
+  REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  if [[ " ${DATA_ROOTS[*]-} " != *" cifar10-lt="* && -d "$REPO_DIR/../shared/data/cifar10-jpeg" ]]; then
+    EXTRACT_ROOTS+=(--data-root "cifar10-lt=$(cd "$REPO_DIR/../shared/data/cifar10-jpeg" && pwd)")
+  fi
+  listing=$("${PIPE[@]}" report --cache-root "$CACHE_ROOT" --list-missing ${EXTRACT_ROOTS[@]+"${EXTRACT_ROOTS[@]}"}) \
+    || { echo "run_all.sh: FAILED listing the missing stage-1 runs (pipeline report --list-missing)" >&2; exit 1; }
+  EXTRACTS=()
+  while IFS= read -r line; do [[ -n "$line" ]] && EXTRACTS+=("$line"); done <<<"$listing"
+  if [[ ${#EXTRACTS[@]} -eq 0 ]]; then
+    echo "==> every configuration the tables need has a cache; nothing to extract"
+  else
+    cat >&2 <<EOF
+WARNING: --extract-missing will train ${#EXTRACTS[@]} stage-1 model(s) from scratch.
+  On this kind of machine (2 CPU cores, no GPU) one 200-epoch ResNet-32 CIFAR-LT run takes roughly
+  4-8 hours (about 10k-20k images x 200 epochs at ~100-150 images/s), so this can take days; ImageNet-LT
+  is not feasible on CPU. On one GPU a CIFAR run takes minutes. Commands:
+EOF
+    printf '    %s\n' "${EXTRACTS[@]}" >&2
+    for cmd in "${EXTRACTS[@]}"; do
+      if [[ "$cmd" == *"<"*">"* ]]; then
+        echo "==> skip (no data root; pass --data-root DATASET=DIR): $cmd" >&2
+        continue
+      fi
+      read -r -a words <<<"$cmd"
+      # words[0] is "pipeline": call the toolkit the same way as every other step
+      step "extract ${words[*]:2:6}" "${PIPE[@]}" "${words[@]:1}"
+    done
+  fi
+fi
+
+# ---- stage 2: every head on every cache --------------------------------------------------------------
+shopt -s nullglob
+CACHES=("$CACHE_ROOT"/*/features.h5)
+shopt -u nullglob
+if [[ ${#CACHES[@]} -eq 0 ]]; then
+  echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5; the report will list every cell as not run" >&2
+  echo "            (create caches with \`pipeline extract ...\` or rerun with --extract-missing)" >&2
+fi
+
+if [[ $QUICK -eq 1 ]]; then
+  FITS=("ncm" "learned-ncm" "learned-ncm --tau 0.125")
+  BN_FITS=()
+else
+  FITS=("softmax" "ncm"
+        "learned-ncm" "learned-ncm --tau 0.0625" "learned-ncm --tau 0.125" "learned-ncm --tau 0.25"
+        "learned-ncm --tau 0.5" "learned-ncm --tau 1"
+        "multi-ncm" "multi-ncm --tau 0.125"
+        "local-projection" "metric-ncm --metric global" "metric-ncm --metric local"
+        "crt" "tau-norm" "lws" "posthoc-la")
+  BN_FITS=("learned-ncm --variant bn_recal" "multi-ncm --variant bn_recal")
+fi
+
+for h5 in ${CACHES[@]+"${CACHES[@]}"}; do
+  dir=$(dirname "$h5")
+  run=$(basename "$dir")
+  variants=$("$PY" -c 'import sys; from pipeline.cache import read_cache
+print(" ".join(read_cache(sys.argv[1]).variants))' "$h5") \
+    || { echo "run_all.sh: FAILED reading $h5 (not a valid cache?)" >&2; exit 1; }
+  todo=("${FITS[@]}")
+  if [[ " $variants " == *" bn_recal "* ]]; then todo+=(${BN_FITS[@]+"${BN_FITS[@]}"}); fi
+  for spec in "${todo[@]}"; do
+    read -r -a args <<<"$spec"
+    step "fit-head $run ${spec}" "${PIPE[@]}" fit-head --cache "$dir" --head "${args[@]}"
+  done
+done
+
+# ---- report ---------------------------------------------------------------------------------------------
+step "report" "${PIPE[@]}" report --cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@]}"} \
+  ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"}
+echo "run_all.sh: $NSTEP steps OK, total time $(( $(date +%s) - T0 )) s; read $OUT/README.md"

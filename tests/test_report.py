@@ -1,0 +1,441 @@
+"""Reports (pipeline.report, run_all.sh) on small synthetic caches with hand-written fit rows.
+
+The fit rows follow stage 2's results.csv contract (columns, npz artifacts) without calling stage 2, so
+these tests do not depend on pipeline.fit; the end-to-end run_all.sh test further down does.
+"""
+import csv
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import report as rp
+from pipeline.cache import read_cache, run_name
+from pipeline.synthetic import make_synthetic_cache
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers: a results.csv row + artifact exactly as `pipeline fit-head` writes them
+
+def write_fit(cache_dir, head, *, variant="plain", tau=0.0, hparams=None, acc=None, fit_id=None,
+              timestamp="2024-01-01T00:00:00+00:00", fingerprint=None, seed=0):
+    cache_dir = Path(cache_dir)
+    c = read_cache(cache_dir)
+    p = c.provenance
+    hparams = dict(hparams or {})
+    fit_id = fit_id or (f"{head}-{variant}-{tau:g}-{zlib.crc32(json.dumps(hparams, sort_keys=True).encode()):08x}-"
+                        f"{timestamp[:19].replace(':', '')}")
+    acc = dict(acc or {})
+    base = 50.0 + 10 * tau + len(head) + (3 if variant == "bn_recal" else 0) + len(json.dumps(hparams)) / 10
+    vals = {m: acc.get(m, base + i) for i, m in enumerate(("all", "many", "medium", "few"))}
+    groups = c.groups
+    for g, m in enumerate(("many", "medium", "few")):
+        if not (groups == g).any():
+            vals[m] = None
+    C = c.num_classes
+    d = c.split("train", "plain")[0].shape[1]
+    rng = np.random.default_rng(zlib.crc32(fit_id.encode()))
+    arrays = dict(per_class_acc=rng.uniform(0, 1, C), train_counts=c.train_counts)
+    if head in ("ncm", "learned-ncm", "multi-ncm", "metric-ncm"):
+        emp = rng.normal(size=(C, d))
+        arrays.update(empirical_centroids=emp, centroids=emp + rng.normal(scale=0.3, size=(C, d)))
+    if head == "learned-ncm":
+        arrays["cdnv_per_epoch"] = np.linspace(0.5, 0.2, 6)
+    if head == "multi-ncm":
+        arrays["displacements"] = rng.normal(size=(4, d))
+    if head == "local-projection":
+        arrays["local_weights"] = rng.uniform(0, 1, (C, d))
+    (cache_dir / "fits").mkdir(exist_ok=True)
+    np.savez(cache_dir / "fits" / f"{fit_id}.npz", **arrays)
+    row = dict(fit_id=fit_id, timestamp=timestamp, head=head, variant=variant, tau=tau, seed=seed,
+               hparams=json.dumps(hparams, sort_keys=True), cache_path=str(cache_dir / "features.h5"),
+               cache_fingerprint=fingerprint or c.fingerprint, dataset=p["dataset"], imbalance=p["imbalance"],
+               backbone=p["backbone"], train_seed=p["seed"], stage1_epochs=p["epochs"],
+               **{f"acc_{m}": ("" if v is None else f"{v:.4f}") for m, v in vals.items()},
+               fit_seconds=1.5, device="cpu", git_commit="abc123", artifact=f"fits/{fit_id}.npz")
+    path = cache_dir / "results.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rp.RESULT_COLUMNS))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return fit_id
+
+
+ALL_FITS = [("softmax", {}, "plain", 0.0), ("ncm", {}, "plain", 0.0), ("learned-ncm", {}, "plain", 0.0),
+            ("learned-ncm", {}, "plain", 0.125), ("multi-ncm", {}, "plain", 0.0),
+            ("multi-ncm", {}, "plain", 0.125), ("local-projection", {}, "plain", 0.0),
+            ("metric-ncm", {"metric": "global"}, "plain", 0.0), ("metric-ncm", {"metric": "local"}, "plain", 0.0),
+            ("crt", {}, "plain", 0.0), ("tau-norm", {}, "plain", 0.0), ("lws", {}, "plain", 0.0),
+            ("posthoc-la", {}, "plain", 1.0)] + [("learned-ncm", {}, "plain", t) for t in (0.0625, 0.25, 0.5, 1.0)]
+
+
+def make_cache(root, dataset, beta, seed=0, bn=True, num_classes=10, dim=8, n_max=300):
+    d = Path(root) / run_name(dataset, beta, "synthetic", seed)
+    d.mkdir(parents=True, exist_ok=True)
+    make_synthetic_cache(d / "features.h5", dataset=dataset, num_classes=num_classes, dim=dim, imbalance=beta,
+                         n_max=n_max, n_test=20, seed=seed, bn_recal=bn, tail_spread=3.0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """cifar100-lt beta 200 (two seeds, BN), cifar100-lt beta 100, cifar10-lt beta 200 (no BN) and 100."""
+    root = tmp_path_factory.mktemp("caches") / "cache"
+    c100a = make_cache(root, "cifar100-lt", 200, seed=0, bn=True, num_classes=12)
+    c100b = make_cache(root, "cifar100-lt", 200, seed=1, bn=True, num_classes=12)
+    c100_100 = make_cache(root, "cifar100-lt", 100, seed=0, bn=False, num_classes=12)
+    c10 = make_cache(root, "cifar10-lt", 200, seed=0, bn=False)
+    c10_100 = make_cache(root, "cifar10-lt", 100, seed=0, bn=True)
+    for d in (c100a, c100b, c100_100, c10, c10_100):
+        for head, hp, variant, tau in ALL_FITS:
+            if head == "learned-ncm" and tau == 0 and d in (c100a, c100b):
+                continue  # written below with known values
+            if head == "ncm" and d == c10:
+                continue
+            if head == "multi-ncm" and tau == 0.125 and d == c100b:
+                continue  # one of two stage-1 seeds not fitted: a partial cell
+            write_fit(d, head, variant=variant, tau=tau, hparams=hp)
+    for d in (c100a, c100b):
+        for variant in ("bn_recal",):
+            write_fit(d, "learned-ncm", variant=variant)
+            write_fit(d, "multi-ncm", variant=variant)
+    # two stage-1 seeds with known Learned NCM accuracy: mean 41, std sqrt(2)
+    write_fit(c100a, "learned-ncm", acc={"all": 40.0}, fit_id="lncm-s0")
+    write_fit(c100b, "learned-ncm", acc={"all": 42.0}, fit_id="lncm-s1")
+    # latest row per configuration: the newer NCM row must win even when an older one is appended later
+    write_fit(c10, "ncm", acc={"all": 79.7, "many": 82.2, "medium": 73.8}, fit_id="ncm-new",
+              timestamp="2024-03-01T00:00:00+00:00")
+    write_fit(c10, "ncm", acc={"all": 11.0, "many": 11.0, "medium": 11.0}, fit_id="ncm-old",
+              timestamp="2024-02-01T00:00:00+00:00")
+    # a row fitted on an older cache (fingerprint differs) is ignored
+    write_fit(c10, "softmax", acc={"all": 99.0}, fit_id="softmax-stale", timestamp="2030-01-01T00:00:00+00:00",
+              fingerprint="0000000000000000")
+    # a non-default hyperparameter setting never replaces the default row of a table cell
+    write_fit(c10, "multi-ncm", hparams={"num_centroids": 3}, acc={"all": 1.0}, fit_id="mncm-k3",
+              timestamp="2030-01-01T00:00:00+00:00")
+    out = tmp_path_factory.mktemp("reports") / "reports"
+    res = rp.build_report(str(root), out, tsne_per_class=60)
+    return dict(root=root, out=out, res=res, c10=c10, c100a=c100a)
+
+
+def _table(out, name):
+    return pd.read_csv(out / f"{name}.csv", dtype=str, keep_default_na=False)
+
+
+def _cell(df, method, dataset, beta, metric):
+    sel = df[(df["method"] == method) & (df["dataset"] == dataset) & (df["imbalance"] == beta)
+             & (df["metric"] == metric)]
+    assert len(sel) == 1, (method, dataset, beta, metric, len(sel))
+    return sel.iloc[0]
+
+
+def test_every_table_has_all_rows_and_columns(world):
+    out = world["out"]
+    for t in rp.TABLES:
+        df = _table(out, t.name)
+        assert list(df.columns) == rp.LONG_COLUMNS
+        assert len(df) == len(t.rows) * len(t.columns), t.name
+        assert set(df["method"]) == {r.method for r in t.rows}
+        assert (out / f"{t.name}.md").read_text().startswith(f"# {t.title}")
+        # paper values transcribed, never our numbers in the paper column
+        for r in t.rows:
+            vals = [v for v in df.loc[df["method"] == r.method, "paper"]]
+            assert vals == ["" if p is None else f"{p:.1f}" for p in r.paper]
+    t1 = _table(out, "table1")
+    assert _cell(t1, "Learned NCM + LA", "cifar100-lt", "200", "few")["paper"] == "28.9"
+    t7 = _table(out, "table7")
+    assert _cell(t7, "Softmax", "cifar10-lt", "200", "all")["paper"] == "74.0"
+    assert _cell(t7, "Multi-NCM + LA", "cifar10-lt", "10", "all")["paper"] == "91.6"
+
+
+def test_not_run_rows_carry_the_command(world):
+    out = world["out"]
+    t2 = _table(out, "table2")
+    cell = _cell(t2, "NCM", "cifar10-lt", "10", "all")
+    assert cell["status"] == "not run" and cell["ours"] == ""
+    assert "pipeline extract --dataset cifar10-lt" in cell["command"]
+    assert "--imbalance 10" in cell["command"] and "--epochs 200" in cell["command"]
+    assert "pipeline fit-head --cache" in cell["command"] and "--head ncm" in cell["command"]
+    t3 = _table(out, "table3")
+    cell = _cell(t3, "Learned NCM + LA", "imagenet-lt", "", "few")
+    assert cell["status"] == "not run" and "--dataset imagenet-lt" in cell["command"]
+    assert "--tau 0.125" in cell["command"]
+    # the cache exists but has no BN-recalibrated features: re-extract with --bn-recalibrate
+    t6 = _table(out, "table6")
+    cell = _cell(t6, "Learned NCM (BN)", "cifar10-lt", "200", "all")
+    assert cell["status"] == "not run" and "--bn-recalibrate" in cell["command"]
+    assert "--epochs 3" in cell["command"]  # the existing run's budget, so extract resumes instead of clashing
+    # literature rows are labelled, never ours
+    focal = t2[t2["method"].str.startswith("Focal")]
+    assert (focal["status"] == "literature (not run here)").all() and (focal["ours"] == "").all()
+    readme = (out / "README.md").read_text()
+    assert "## Not run" in readme and "pipeline extract --dataset cifar100-lt" in readme
+
+
+def test_two_stage1_seeds_give_mean_std_n(world):
+    t1 = _table(world["out"], "table1")
+    cell = _cell(t1, "Learned NCM", "cifar100-lt", "200", "all")
+    assert cell["ours"] == "41.00" and cell["ours_std"] == "1.41" and cell["n_seeds"] == "2"
+    assert cell["fit_ids"] == "lncm-s0;lncm-s1"
+    assert len(cell["cache_fingerprints"].split(";")) == 2
+    assert cell["diff"] == f"{41.0 - 45.7:+.2f}" and cell["status"] == "missed"
+    single = _cell(t1, "NCM", "cifar100-lt", "100", "all")
+    assert single["n_seeds"] == "1" and single["ours_std"] == ""
+
+
+def test_latest_row_per_configuration_and_stale_rows(world):
+    t7 = _table(world["out"], "table7")
+    cell = _cell(t7, "NCM", "cifar10-lt", "200", "all")
+    assert cell["fit_ids"] == "ncm-new" and cell["ours"] == "79.70"
+    assert cell["status"] == "reproduced" and cell["diff"] == "+0.00"
+    soft = _cell(t7, "Softmax", "cifar10-lt", "200", "all")
+    assert soft["fit_ids"] != "softmax-stale" and soft["ours"] != "99.00"
+    mn = _cell(t7, "Multi-NCM", "cifar10-lt", "200", "all")
+    assert mn["fit_ids"] != "mncm-k3"
+    t5 = _table(world["out"], "table5")
+    g = _cell(t5, "Global Metric + Learned NCM", "cifar10-lt", "200", "all")
+    loc = _cell(t5, "Local Metric + Learned NCM", "cifar10-lt", "200", "all")
+    assert g["ours"] and loc["ours"] and g["fit_ids"] != loc["fit_ids"]
+    assert any("older cache" in w for w in world["res"].warnings)
+
+
+def test_bn_variant_and_partial_seeds(world):
+    t6 = _table(world["out"], "table6")
+    bn = _cell(t6, "Multi-NCM (BN)", "cifar100-lt", "200", "many")
+    assert bn["status"] in ("reproduced", "missed") and bn["n_seeds"] == "2" and bn["variant"] == "bn_recal"
+    plain = _cell(t6, "Multi-NCM", "cifar100-lt", "200", "many")
+    assert plain["fit_ids"] != bn["fit_ids"]
+    t1 = _table(world["out"], "table1")
+    part = _cell(t1, "Multi-NCM + LA", "cifar100-lt", "200", "all")
+    assert part["n_seeds"] == "1" and part["ours"] != "" and part["ours_std"] == ""
+    assert part["note"].startswith("partial: 1 of 2 stage-1 seeds")
+    assert "cifar100-lt-b200-synthetic-s1 --head multi-ncm --tau 0.125" in part["note"]
+    md = (world["out"] / "table1.md").read_text()
+    assert "cifar100-lt-b200-synthetic-s1 --head multi-ncm --tau 0.125" in md
+
+
+def test_figures_are_valid_pngs_with_data(world):
+    out = world["out"]
+    figs = {f.name: f for f in world["res"].figures}
+    for name in ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6a", "fig6b", "fig7"):
+        assert figs[name].files, (name, figs[name].skipped)
+        png = out / [p for p in figs[name].files if p.endswith(".png")][0]
+        data = png.read_bytes()
+        assert data[:8] == PNG_SIG and len(data) > 5000, name
+        csvf = out / [p for p in figs[name].files if p.endswith(".csv")][0]
+        text = csvf.read_text()
+        assert text.startswith("# ") and "fingerprint" in text, name
+    assert not figs["fig8"].files and "pipeline extract --dataset cifar20-lt" in figs["fig8"].skipped
+    fig2 = pd.read_csv(out / "figures/fig2_variance_cifar10-lt.csv", comment="#")
+    assert set(fig2["imbalance"].astype(str)) == {"200", "100"}
+    assert {"sigma_mle", "sigma_ledoit-wolf", "sigma_oas"} <= set(fig2.columns)
+    readme = (out / "README.md").read_text()
+    assert "![" in readme and "(figures/fig2_variance_cifar10-lt.png)" in readme
+    assert "Figure 8" in readme and "Not produced" in readme
+
+
+def test_readme_summary(world):
+    readme = (world["out"] / "README.md").read_text()
+    assert "REDUCED STAGE-1 BUDGET" in readme  # synthetic caches have 3 "epochs"
+    assert "Headline" in readme and "Which paper cells we reproduce" in readme
+    assert "**Reproduced**" in readme and "**Missed**" in readme
+    c = read_cache(world["c10"])
+    assert c.fingerprint in readme
+    assert "newest input: 2030-01-01" in readme  # stable generation stamp, from the inputs
+
+
+def test_report_twice_is_byte_identical(world, tmp_path):
+    out2 = tmp_path / "again"
+    rp.build_report(str(world["root"]), out2, tsne_per_class=60)
+    for t in rp.TABLES:
+        for ext in (".csv", ".md"):
+            assert (world["out"] / f"{t.name}{ext}").read_bytes() == (out2 / f"{t.name}{ext}").read_bytes()
+    for f in world["res"].figures:
+        for p in f.files:
+            if p.endswith(".csv"):
+                assert (world["out"] / p).read_bytes() == (out2 / p).read_bytes(), p
+
+
+def test_no_caches_reports_everything_not_run(tmp_path):
+    (tmp_path / "cache").mkdir()
+    res = rp.build_report(str(tmp_path / "cache"), tmp_path / "rep", figures=False)
+    allc = pd.concat(res.tables.values())
+    ours = allc[allc["head"] != ""]
+    assert (ours["status"] == "not run").all() and (ours["command"].str.contains("pipeline extract")).all()
+    cmds = rp.missing_extract_commands(str(tmp_path / "cache"))
+    assert any("--dataset cifar10-lt" in c and "--imbalance 200" in c and "--bn-recalibrate" in c for c in cmds)
+    assert any("--dataset imagenet-lt" in c for c in cmds)
+    with pytest.raises(rp.UserError):
+        rp.build_report(str(tmp_path / "nope"), tmp_path / "rep")
+
+
+def test_cli_report_and_list_missing(world, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    runner = CliRunner()
+    r = runner.invoke(cli, ["report", "--cache-root", str(world["root"]), "--out", str(tmp_path / "r"),
+                            "--no-figures"])
+    assert r.exit_code == 0, r.output
+    assert "cells reproduced" in r.output and (tmp_path / "r" / "table1.csv").exists()
+    r = runner.invoke(cli, ["report", "--cache-root", str(world["root"]), "--list-missing",
+                            "--data-root", "cifar100-lt=/data/c100"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert any("--dataset cifar100-lt --data-root /data/c100 --imbalance 10" in l for l in lines)
+    assert not any("--dataset cifar100-lt" in l and "--imbalance 200" in l for l in lines)  # has BN already
+    assert any("--dataset cifar10-lt" in l and "--imbalance 200" in l and "--bn-recalibrate" in l for l in lines)
+    assert not (tmp_path / "reports").exists()
+    r = runner.invoke(cli, ["report", "--cache-root", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "Error: cache root" in r.output
+
+
+# ----------------------------------------------------------------------------------------------------
+# run_all.sh
+
+STUB = r"""#!{py} -S
+# Stand-in for `pipeline` (standard library only, so it starts in milliseconds): fit-head appends one
+# deterministic results.csv row following stage 2's column contract; every other command is the real CLI.
+import csv, json, os, sys, zlib
+argv = sys.argv[1:]
+if argv and argv[0] == "extract":  # record, never train
+    open(os.environ["STUB_LOG"], "a").write(" ".join(argv) + "\n")
+    sys.exit(0)
+if argv and argv[0] == "report" and os.environ.get("STUB_FAKE_REPORT"):
+    if "--list-missing" in argv:
+        print(os.environ["STUB_FAKE_REPORT"])
+    sys.exit(0)
+if not argv or argv[0] != "fit-head":
+    os.execv("{py}", ["{py}", "-m", "pipeline.cli", *argv])
+args = dict(zip(argv[1::2], argv[2::2]))
+head, variant = args["--head"], args.get("--variant", "plain")
+tau = float(args.get("--tau", 1 if head == "posthoc-la" else 0))  # stage 2's default tau
+if os.environ.get("STUB_FAIL_HEAD") == head:
+    sys.exit("stub: simulated failure of " + head)
+hp = {"metric": args["--metric"]} if "--metric" in args else {}
+cache = args["--cache"].rstrip("/")
+fp = json.load(open(os.environ["STUB_FINGERPRINTS"]))[os.path.basename(cache)]
+path = os.path.join(cache, "results.csv")
+n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
+base = 50 + 10 * tau + zlib.crc32(json.dumps([head, variant, hp]).encode()) % 300 / 10
+row = dict(fit_id="stub-" + "-".join(argv[3:]), timestamp="2024-01-01T00:%02d:%02d+00:00" % divmod(n, 60),
+           head=head, variant=variant, tau=tau, seed=0, hparams=json.dumps(hp, sort_keys=True),
+           cache_path=cache + "/features.h5", cache_fingerprint=fp, dataset="", imbalance="", backbone="",
+           train_seed=0, stage1_epochs=3, acc_all=base, acc_many=base + 1, acc_medium=base + 2, acc_few=base + 3,
+           fit_seconds=0.1, device="cpu", git_commit="stub", artifact="")
+with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames={cols})
+    if n == 0:
+        w.writeheader()
+    w.writerow(row)
+"""
+
+
+def _env_with_stub(tmp_path, caches):
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    stub = stub_dir / "pipeline"
+    stub.write_text(STUB.replace("{py}", sys.executable).replace("{cols}", repr(list(rp.RESULT_COLUMNS))))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    fps = tmp_path / "fingerprints.json"
+    fps.write_text(json.dumps({Path(d).name: read_cache(d).fingerprint for d in caches}))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), STUB_FINGERPRINTS=str(fps),
+                PATH=f"{stub_dir}:{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+
+
+def test_run_all_orchestration_with_stub(tmp_path):
+    """run_all.sh's own logic (which heads, BN variants, rerun, failing step) with a stand-in fit-head."""
+    root = tmp_path / "cache"
+    c10 = make_cache(root, "cifar10-lt", 200, bn=True)
+    c100 = make_cache(root, "cifar100-lt", 200, bn=False, num_classes=12)
+    env = _env_with_stub(tmp_path, [c10, c100])
+    cmd = ["bash", str(REPO / "run_all.sh"), "--cache-root", str(root), "--out", str(tmp_path / "rep"),
+           "--no-figures"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "total time" in r.stdout and "==> [" in r.stdout
+    rows10 = pd.read_csv(c10 / "results.csv")
+    rows100 = pd.read_csv(c100 / "results.csv")
+    assert len(rows10) == 19 and len(rows100) == 17  # 17 plain fits, + 2 bn_recal where the cache has them
+    assert set(rows10["head"]) == {"softmax", "ncm", "learned-ncm", "multi-ncm", "local-projection",
+                                   "metric-ncm", "crt", "tau-norm", "lws", "posthoc-la"}
+    assert sorted(rows10.loc[rows10["head"] == "learned-ncm", "tau"].unique()) == [0, 0.0625, 0.125, 0.25, 0.5, 1]
+    assert set(rows10["variant"]) == {"plain", "bn_recal"} and set(rows100["variant"]) == {"plain"}
+    t6 = _table(tmp_path / "rep", "table6")
+    assert _cell(t6, "Multi-NCM (BN)", "cifar10-lt", "200", "all")["ours"] != ""
+    assert _cell(t6, "Multi-NCM (BN)", "cifar100-lt", "200", "all")["status"] == "not run"
+    first = {t.name: (tmp_path / "rep" / f"{t.name}.csv").read_bytes() for t in rp.TABLES}
+    # rerun (quick, to keep the test short): new rows are appended, the tables do not change
+    r = subprocess.run(cmd + ["--quick"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(c10 / "results.csv")) == 19 + 3
+    for t in rp.TABLES:
+        assert (tmp_path / "rep" / f"{t.name}.csv").read_bytes() == first[t.name], t.name
+    # a failing step stops the script with a non-zero status that names it
+    r = subprocess.run(cmd + ["--quick"], capture_output=True, text=True,
+                       env=dict(env, STUB_FAIL_HEAD="learned-ncm"), cwd=REPO)
+    assert r.returncode != 0 and "FAILED at step 2" in r.stderr and "learned-ncm" in r.stderr
+
+
+def test_run_all_extract_missing_warns_and_skips_unknown_roots(tmp_path):
+    root = tmp_path / "cache"
+    env = _env_with_stub(tmp_path, [])
+    log = tmp_path / "extract.log"
+    cmds = ["pipeline extract --dataset cifar10-lt --data-root /d/c10 --imbalance 10 --seed 0 --epochs 200",
+            "pipeline extract --dataset imagenet-lt --data-root <IMAGENET_LT_ROOT> --seed 0 --epochs 90"]
+    env.update(STUB_LOG=str(log), STUB_FAKE_REPORT="\n".join(cmds))
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--extract-missing", "--cache-root", str(root),
+                        "--out", str(tmp_path / "rep")], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" in r.stderr and "hours" in r.stderr
+    assert "skip (no data root" in r.stderr and "imagenet-lt" in r.stderr
+    assert log.read_text().splitlines() == [cmds[0].replace("pipeline ", "", 1)]
+
+
+def test_run_all_rejects_unknown_option():
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--bogus"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "unknown option" in r.stderr
+
+
+def _have_fit_head() -> bool:
+    # without importing pipeline.cli (it imports torch): the module and the command must both be there
+    return (importlib.util.find_spec("pipeline.fit") is not None
+            and '"fit-head"' in (REPO / "pipeline" / "cli.py").read_text())
+
+
+_HAVE_FIT = _have_fit_head()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAVE_FIT,
+                    reason="stage 2 (pipeline.fit and the `pipeline fit-head` command) is not in the tree yet")
+def test_run_all_quick_end_to_end(tmp_path):
+    root = tmp_path / "cache"
+    make_cache(root, "cifar10-lt", 200, bn=True, n_max=200, dim=8)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    cmd = ["bash", str(REPO / "run_all.sh"), "--quick", "--cache-root", str(root), "--out", str(tmp_path / "rep"),
+           "--python", sys.executable, "--no-figures"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = {t.name: (tmp_path / "rep" / f"{t.name}.csv").read_bytes() for t in rp.TABLES}
+    t7 = _table(tmp_path / "rep", "table7")
+    assert _cell(t7, "Learned NCM", "cifar10-lt", "200", "all")["ours"] != ""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for t in rp.TABLES:
+        assert (tmp_path / "rep" / f"{t.name}.csv").read_bytes() == first[t.name], t.name
+
+
