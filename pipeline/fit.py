@@ -26,14 +26,13 @@ from .cache import FeatureCache, read_cache
 from .config import VARIANTS
 from .heads import HEADS, HeadData, check_hparams
 from .metrics import evaluate
-from .utils import UserError, atomic_path, git_commit, now_iso
+from .utils import UserError, atomic_path, git_commit, now_iso, resolve_device
 
 RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
                   "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",
                   "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
                   "artifact")
 EVAL_SPLITS = ("test", "val")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -51,16 +50,6 @@ class FitResult:
     hparams: dict              # hyperparameters actually used (recorded as JSON), incl. eval_split
     ignored: list = field(default_factory=list)  # hyperparameters given but not used by this head
     train_counts: np.ndarray | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise UserError(f"--device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available (use --device auto/cpu)")
-    return torch.device(device)
 
 
 def _finite(name, a):

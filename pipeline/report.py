@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pandas as pd
 
 from .cache import read_cache, run_name
 from .config import HEAD_DEFAULTS, TRAIN_DEFAULTS
-from .utils import UserError, atomic_path, git_commit
+from .utils import UserError, atomic_path, check_writable_dir, git_commit
 
 # ----------------------------------------------------------------------------------------------------
 # Contract with stage 2 (pipeline fit-head): columns of results.csv
@@ -820,7 +819,7 @@ def fig_tsne(groups, figdir, cache_root, data_roots, per_class=300) -> FigureRes
         _save_csv(df, figdir / "fig1_tsne.csv", _src_header(
             f"fig1: t-SNE (sklearn, random_state=0, <={per_class} train samples per class) of one tail and two head "
             "classes",
-            [c]) + [f"mean distance to 2-D class centre: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in sp.items())])
+            [c]) + ["mean distance to 2-D class centre: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in sp.items())])
         fr.files = ["figures/fig1_tsne.png", "figures/fig1_tsne.csv"]
         fr.caption = (f"{_title_ds(g)}, run `{c.run}`: tail class {names[tail]} (N={int(counts[tail])}) vs head "
                       f"classes {names[h1]}, {names[h2]}; mean 2-D spread " +
@@ -1299,13 +1298,7 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
     ``data_roots`` maps dataset -> data root for the `pipeline extract` commands of cells not run;
     ``tsne_per_class`` caps the samples per class in the Figure 1 t-SNE.
     """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create report directory {out_dir}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"report directory {out_dir} is not writable; choose another --out")
+    out_dir = check_writable_dir(out_dir, "--out")
     cache_root = str(cache_root)
     if not Path(cache_root).exists():
         raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass --cache-root")

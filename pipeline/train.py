@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import fingerprint, read_cache, run_name, write_cache
@@ -27,21 +26,14 @@ from .config import CHECKPOINT_EVERY, EXTRACT_BATCH, TRAIN_DEFAULTS
 from .data import LTDataset
 from .metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
-from .utils import UserError, atomic_path, check_writable_dir, git_commit, now_iso, sha256_file
+from .utils import (UserError, atomic_path, check_writable_dir, git_commit, now_iso, resolve_device,
+                    sha256_file)
 
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "all", "many", "medium", "few", "seconds")
 # keys of the resolved config that must agree for a checkpoint to be resumed or reused
 TRAIN_IDENTITY = ("dataset", "imbalance", "subset_seed", "train_limit", "test_limit", "image_size", "backbone",
                   "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "augment", "seed",
                   "precision", "num_classes", "train_size")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -5,6 +5,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,16 +44,28 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_writable_dir(path) -> Path:
-    """Create `path` (a directory) if needed; a clear UserError when that is impossible."""
+def check_writable_dir(path, option: str = "--cache-dir") -> Path:
+    """Create `path` (a directory) if needed; a clear UserError naming `option` when that is impossible."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create directory {path}: {e.strerror}; choose a writable --cache-dir") from None
+        raise UserError(f"cannot create directory {path}: {e.strerror}; choose a writable {option}") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"directory {path} is not writable; choose a writable --cache-dir")
+        raise UserError(f"directory {path} is not writable; choose a writable {option}")
     return path
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' -> torch.device."""
+    import torch
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
+    return torch.device(device)
 
 
 @contextlib.contextmanager
