@@ -178,6 +178,12 @@ def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTR
 # ----------------------------------------------------------------------------------------------------
 # Training with automatic resume
 
+def identity_diff(have: dict, want: dict) -> dict:
+    """{key: (have, want)} for the TRAIN_IDENTITY keys that differ (want compared as JSON would store it)."""
+    want = json.loads(json.dumps(want))
+    return {k: (have.get(k), want.get(k)) for k in TRAIN_IDENTITY if have.get(k) != want.get(k)}
+
+
 def weights_sha256(model) -> str:
     """Hash of the model's tensors (parameters and buffers): identifies the weights themselves, unlike the
     checkpoint file's hash, which also covers optimizer state and wall-clock timings."""
@@ -235,9 +241,8 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         except Exception as e:
             raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__}); delete it or use "
                             "--overwrite to retrain") from None
-        if ckpt.get("identity") != json.loads(json.dumps(ident)):
-            diff = {k: (ckpt.get("identity", {}).get(k), v) for k, v in ident.items()
-                    if ckpt.get("identity", {}).get(k) != v}
+        diff = identity_diff(ckpt.get("identity") or {}, ident)
+        if diff:
             raise UserError(f"checkpoint {ckpt_path} was trained with a different configuration "
                             f"(have, asked): {diff}; use another --run-name or --overwrite")
         model.load_state_dict(ckpt["model"])
@@ -330,9 +335,8 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
     ident = {k: cfg.get(k) for k in TRAIN_IDENTITY}
     if cache_path.exists() and not overwrite:
         have = read_cache(cache_path)
-        have_ident = {k: have.provenance.get("config", {}).get(k) for k in TRAIN_IDENTITY}
-        if have_ident != json.loads(json.dumps(ident)):
-            diff = {k: (have_ident.get(k), v) for k, v in ident.items() if have_ident.get(k) != v}
+        diff = identity_diff(have.provenance.get("config", {}), ident)
+        if diff:
             raise UserError(f"{cache_path} exists with a different provenance (have, asked): {diff}; "
                             "use another --run-name / --cache-dir, or --overwrite to replace it")
         if not bn_recalibrate or "bn_recal" in have.variants:
