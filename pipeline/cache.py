@@ -44,10 +44,10 @@ def fingerprint(provenance: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_name(dataset: str, imbalance, backbone: str, seed: int) -> str:
-    """Folder name of a stage-1 run under cache/, e.g. cifar10-lt-b100-resnet32-s0."""
+def run_name(dataset: str, imbalance, backbone: str, seed: int, recipe: str | None = None) -> str:
+    """Folder name of a stage-1 run under cache/, e.g. cifar10-lt-b100-resnet32-paper-s0."""
     b = int(imbalance) if float(imbalance).is_integer() else imbalance
-    return f"{dataset}-b{b}-{backbone}-s{seed}"
+    return f"{dataset}-b{b}-{backbone}{'-' + recipe if recipe else ''}-s{seed}"
 
 
 def write_cache(path, *, provenance: dict, class_names, train_counts, classifier_weight, classifier_bias,
@@ -162,6 +162,10 @@ def read_cache(path, expect: dict | None = None) -> FeatureCache:
             raise UserError(f"{path} has cache schema version {int(version)}, this toolkit reads "
                             f"version {SCHEMA_VERSION}; re-extract it with this version")
         prov = json.loads(f.attrs["provenance"])
+        stored = str(f.attrs.get("fingerprint"))
+        if fingerprint(prov) != stored:  # the provenance was edited, or the file was not written by write_cache
+            raise UserError(f"{path}: its fingerprint {stored} does not match its provenance "
+                            f"({fingerprint(prov)}); the cache was altered -- re-create it with `pipeline extract`")
         for k, want in (expect or {}).items():
             if want is None:
                 continue

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .config import SUBSET_SEED
+from .augment import KINDS as AUGMENT_KINDS
+from .config import RECIPES, SUBSET_SEED
 from .data import DATASETS
 from .models import MODELS
 from .utils import UserError, check_writable_dir
@@ -44,11 +45,22 @@ def cli():
 @click.option("--subset-seed", type=int, default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
 @click.option("--backbone", type=click.Choice(sorted(MODELS)), default=None,
               help="Default: resnet32 for CIFAR, resnet10 otherwise.")
-@click.option("--epochs", type=int, default=None, help="Default 200 (CIFAR) / 90 (ImageNet-LT).")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+              help="Named stage-1 recipe (config.RECIPES); flags below override its fields.  "
+                   "[default: paper (CIFAR) / decoupling (others)]")
+@click.option("--iterations", type=int, default=None,
+              help="Budget in iterations (epochs = ceil(iterations / steps per epoch)).  [default: recipe's]")
+@click.option("--epochs", type=int, default=None, help="Budget in epochs (instead of --iterations).")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--warmup-epochs", type=int, default=None)
+@click.option("--augment", type=click.Choice(AUGMENT_KINDS), default=None,
+              help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; imagenet = random-resized-crop+flip.")
+@click.option("--eval-every", type=int, default=None,
+              help="Test-set learning-curve point every N epochs (always the last).  [default: ~50 points]")
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+              help="torch.compile the train step (auto = on CUDA only).")
 @click.option("--seed", type=int, default=0, help="Training seed (init, shuffling, augmentation).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
@@ -57,7 +69,8 @@ def cli():
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
-@click.option("--run-name", default=None, help="Folder under --cache-dir (default <dataset>-b<beta>-<backbone>-s<seed>).")
+@click.option("--run-name", default=None,
+              help="Folder under --cache-dir (default <dataset>-b<beta>-<backbone>-<recipe>-s<seed>).")
 @click.option("--download", is_flag=True, help="Download CIFAR with torchvision into --data-root if absent.")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
               help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
@@ -70,7 +83,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
 def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
             image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
-            deterministic, bn_recalibrate, **train_overrides):
+            deterministic, bn_recalibrate, compile_mode, **train_overrides):
     """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5."""
     from .data import load_dataset
     from .train import extract as run_extract
@@ -80,7 +93,7 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
                       train_limit=train_limit, test_limit=test_limit)
     path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
                        deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
-                       **train_overrides)
+                       compile=compile_mode, **train_overrides)
     click.echo(f"cache: {path}")
 
 

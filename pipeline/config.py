@@ -34,7 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # either `iterations` (converted to epochs = ceil(iterations / steps per epoch), as Balanced Meta-Softmax does)
 # or `epochs`.  Schedules:
 #   "balms"  Balanced Meta-Softmax's CosineAnnealingLRWarmup, stepped once per epoch: W = ceil(warmup_iterations
-#            / steps per epoch) warm-up epochs going linearly from `warmup_lr` to `lr`, then cosine from `lr` at
+#            / steps per epoch) warm-up epochs going linearly from `warmup_start_lr` to `lr`, then cosine from `lr` at
 #            epoch W to 0 at the last epoch (whose lr is exactly 0, as in their code).
 #   "cosine" per iteration: linear warm-up over `warmup_epochs` epochs, then cosine to 0 (this toolkit's first
 #            recipe).
@@ -44,7 +44,7 @@ RECIPES = {
     # batch 512, 13,000 iterations, SGD 0.9, wd 5e-4, warm-up 0.05 -> 0.1 over 800 iterations, cosine to 0,
     # pad-4 crop + flip + AutoAugment (CIFAR-10 policy) + Cutout (1 hole, 16 px).  Their code keeps the best
     # epoch *on the test set*; we keep the final one.
-    "paper": dict(family="cifar", backbone="resnet32", iterations=13000, batch_size=512, lr=0.1, warmup_lr=0.05,
+    "paper": dict(family="cifar", backbone="resnet32", iterations=13000, batch_size=512, lr=0.1, warmup_start_lr=0.05,
                   warmup_iterations=800, schedule="balms", momentum=0.9, weight_decay=5e-4,
                   augment="cifar-autoaug"),
     # LDAM-DRW's budget, batch, weight decay (2e-4, kaidic/LDAM-DRW cifar_train.py) and crop + flip, with
@@ -75,7 +75,7 @@ CUTOUT_LENGTH = 16
 # hash of the decoded pixels and labels.  Not identity: where the data lives, the device, eval cadence,
 # torch.compile (same maths), the run folder.
 RUN_IDENTITY = ("dataset", "imbalance", "subset_seed", "train_limit", "test_limit", "image_size", "backbone",
-                "recipe", "epochs", "batch_size", "lr", "warmup_lr", "momentum", "weight_decay", "warmup_epochs",
+                "recipe", "epochs", "batch_size", "lr", "warmup_start_lr", "momentum", "weight_decay", "warmup_epochs",
                 "warmup_iterations", "schedule", "augment", "seed", "precision", "num_classes", "train_size",
                 "data_hash")
 

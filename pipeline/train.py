@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import BatchAugment
 from .cache import fingerprint, read_cache, run_name, write_cache
-from .config import CHECKPOINT_EVERY, EXTRACT_BATCH, TRAIN_DEFAULTS
+from .config import (CHECKPOINT_EVERY, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, IMAGE_SIZE, RECIPES,
+                     RUN_IDENTITY, run_identity)
 from .data import LTDataset
 from .metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
@@ -31,10 +33,8 @@ from .utils import (UserError, atomic_path, check_writable_dir, git_commit, now_
                     sha256_file)
 
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "all", "many", "medium", "few", "seconds")
-# keys of the resolved config that must agree for a checkpoint to be resumed or reused
-TRAIN_IDENTITY = ("dataset", "imbalance", "subset_seed", "train_limit", "test_limit", "image_size", "backbone",
-                  "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "augment", "seed",
-                  "precision", "num_classes", "train_size")
+BN_RECAL_SEED = 0  # the fixed permutation of the training set that BN re-estimation walks through
+BN_RECAL_METHOD = f"swa_utils.update_bn over a fixed permutation of the training set (seed {BN_RECAL_SEED})"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -50,85 +50,96 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
-def resolve_config(dataset: LTDataset, **overrides) -> dict:
-    """Defaults of the dataset's family (config.TRAIN_DEFAULTS) updated with the non-None overrides."""
-    cfg = dict(TRAIN_DEFAULTS[dataset.family], seed=0)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+def data_hash(dataset: LTDataset) -> str:
+    """Hash of the decoded pixels and labels of every split: the data's identity, wherever it was read from
+    (a re-run on other pixels must not reuse a checkpoint or cache made from these)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for name, sp in sorted(dataset.splits().items()):
+        h.update(name.encode())
+        for arr in (sp.images, sp.labels):
+            arr = np.ascontiguousarray(arr)
+            h.update(str((arr.dtype.str, arr.shape)).encode())
+            h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -> dict:
+    """The named recipe (default: the dataset family's, config.DEFAULT_RECIPE) updated with the non-None
+    overrides, plus the dataset's identity.  The budget is `iterations` or `epochs`: giving one drops the
+    recipe's other; iterations become epochs = ceil(iterations / steps per epoch), as BALMS does."""
+    name = recipe or DEFAULT_RECIPE[dataset.family]
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    base = dict(RECIPES[name])
+    if base.pop("family") != dataset.family:
+        fits = [r for r, v in RECIPES.items() if v["family"] == dataset.family]
+        raise UserError(f"recipe {name!r} is for {RECIPES[name]['family']} data, but {dataset.name} is "
+                        f"{dataset.family} data; use --recipe {' or '.join(fits)}")
+    cfg = dict(dict.fromkeys(RUN_IDENTITY), **base)
+    cfg.update(recipe=name, seed=0, compile="off", eval_every=None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "iterations" in given:
+        raise UserError("give the budget as --epochs or --iterations, not both")
+    if "epochs" in given:
+        cfg["iterations"] = None
+    if "iterations" in given:
+        cfg["epochs"] = None
+    cfg.update(given)
     if cfg["backbone"] not in MODELS:
         raise UserError(f"unknown backbone {cfg['backbone']!r}; choose one of {', '.join(MODELS)}")
-    for k in ("epochs", "batch_size"):
-        if int(cfg[k]) < 1:
+    for k in ("epochs", "iterations", "batch_size"):
+        if cfg.get(k) is not None and int(cfg[k]) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    n = int(len(dataset.train.labels))
+    steps = math.ceil(n / int(cfg["batch_size"]))
+    if cfg["epochs"] is None:
+        cfg["epochs"] = math.ceil(int(cfg["iterations"]) / steps)
+    if cfg["schedule"] == "balms" and "warmup_epochs" not in given:
+        cfg["warmup_epochs"] = math.ceil(int(cfg["warmup_iterations"]) / steps)
+    if cfg["eval_every"] is None:
+        cfg["eval_every"] = max(1, math.ceil(cfg["epochs"] / EVAL_POINTS))
     cfg.update(dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
-               num_classes=dataset.num_classes, train_size=int(len(dataset.train.labels)),
+               num_classes=dataset.num_classes, train_size=n, steps_per_epoch=steps,
                image_size=int(dataset.train.images.shape[1]),
                train_limit=dataset.extra.get("train_limit"), test_limit=dataset.extra.get("test_limit"),
-               mean=list(dataset.mean), std=list(dataset.std), source=dataset.source)
+               mean=list(dataset.mean), std=list(dataset.std), source=dataset.source,
+               data_hash=data_hash(dataset))
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------
-# On-device batch augmentation
+def lr_at(it: int, total_iters: int, warmup_iters: int, base_lr: float) -> float:
+    """Schedule "cosine": linear warm-up for `warmup_iters` iterations, then cosine decay to 0 at `total_iters`."""
+    if it < warmup_iters:
+        return base_lr * (it + 1) / warmup_iters
+    t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
 
-class BatchAugment:
-    """uint8 NCHW batches -> normalised float batches, augmented on the device with a seeded generator."""
 
-    def __init__(self, mean, std, device, kind="cifar", out_size=None, generator=None):
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.kind, self.out_size, self.g, self.device = kind, out_size, generator, device
+def balms_lr(epoch: int, epochs: int, warmup_epochs: int, start_lr: float, peak_lr: float) -> float:
+    """Schedule "balms": BALMS's CosineAnnealingLRWarmup (utils.py) for 1-based `epoch` (their scheduler is
+    stepped at the start of each epoch, so training epoch e runs at last_epoch = e).  Warm-up epochs
+    1..W-1 go linearly from start_lr to peak_lr; from epoch W, cosine from peak_lr to 0 at the last epoch."""
+    if epoch < warmup_epochs:  # (BALMS asserts W >= 2; W <= 1 means no warm-up here)
+        return start_lr + (peak_lr - start_lr) * (epoch - 1) / (warmup_epochs - 1)
+    t = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * t))
 
-    def normalize(self, x_uint8):
-        return (x_uint8.float() - self.mean) / self.std
 
-    def __call__(self, x):
-        b = x.shape[0]
-        flip = torch.rand(b, device=self.device, generator=self.g) < 0.5
-        if self.kind == "cifar":
-            # RandomCrop(32, padding=4) on zero-padded pixels, then RandomHorizontalFlip (LDAM-DRW)
-            h, w = x.shape[-2:]
-            xp = F.pad(x, (4, 4, 4, 4))
-            i = torch.randint(0, 9, (b,), device=self.device, generator=self.g)
-            j = torch.randint(0, 9, (b,), device=self.device, generator=self.g)
-            ar_h = torch.arange(h, device=self.device)
-            ar_w = torch.arange(w, device=self.device)
-            rows = (i[:, None] + ar_h)[:, None, :, None]
-            cols = (j[:, None] + ar_w)[:, None, None, :]
-            x = xp[torch.arange(b, device=self.device)[:, None, None, None],
-                   torch.arange(3, device=self.device)[None, :, None, None], rows, cols]
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            return self.normalize(x)
-        # ImageNet-style RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip as one affine resampling
-        scale = torch.empty(b, device=self.device).uniform_(0.08, 1.0, generator=self.g)
-        logr = torch.empty(b, device=self.device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=self.g)
-        r = torch.exp(logr)
-        cw = torch.sqrt(scale * r).clamp(max=1.0)  # crop width / height as fractions of the image side
-        ch = torch.sqrt(scale / r).clamp(max=1.0)
-        cx = (torch.rand(b, device=self.device, generator=self.g) * 2 - 1) * (1 - cw)
-        cy = (torch.rand(b, device=self.device, generator=self.g) * 2 - 1) * (1 - ch)
-        theta = torch.zeros(b, 2, 3, device=self.device)
-        theta[:, 0, 0] = torch.where(flip, -cw, cw)
-        theta[:, 0, 2] = cx
-        theta[:, 1, 1] = ch
-        theta[:, 1, 2] = cy
-        s = self.out_size or x.shape[-1]
-        grid = F.affine_grid(theta, (b, 3, s, s), align_corners=False)
-        return F.grid_sample(self.normalize(x), grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
+def lr_for(cfg: dict, epoch: int, batch: int, iters_per_epoch: int) -> float:
+    """Learning rate of 0-based `batch` of 0-based `epoch` under the config's schedule."""
+    if cfg["schedule"] == "balms":
+        return balms_lr(epoch + 1, cfg["epochs"], cfg["warmup_epochs"], cfg["warmup_start_lr"], cfg["lr"])
+    if cfg["schedule"] == "cosine":
+        return lr_at(epoch * iters_per_epoch + batch, cfg["epochs"] * iters_per_epoch,
+                     cfg["warmup_epochs"] * iters_per_epoch, cfg["lr"])
+    raise UserError(f"unknown schedule {cfg['schedule']!r}; expected balms or cosine")
 
 
 def to_device_uint8(images: np.ndarray, device, channels_last=False) -> torch.Tensor:
     """uint8 NHWC numpy -> uint8 NCHW tensor on the device (decoded once, kept there)."""
     t = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def lr_at(it: int, total_iters: int, warmup_iters: int, base_lr: float) -> float:
-    """Linear warm-up for `warmup_iters` iterations, then cosine decay to 0 at `total_iters`."""
-    if it < warmup_iters:
-        return base_lr * (it + 1) / warmup_iters
-    t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _autocast(device, precision):
@@ -163,13 +174,18 @@ def predict_features(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EX
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTRACT_BATCH):
+def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTRACT_BATCH, seed=BN_RECAL_SEED):
     """Paper A.4: with every weight frozen, re-estimate BatchNorm running mean/var over the training set.
 
     torch.optim.swa_utils.update_bn resets the running statistics and accumulates a cumulative average
-    (momentum=None) over the batches, in train mode and without gradients; no weight changes.
+    (momentum=None) over the batches, in train mode and without gradients; no weight changes.  The batches
+    walk a fixed-seed permutation of the training set: our arrays are sorted by class, and class-pure batches
+    would average within-class variances only, missing the between-class spread (running_var ~0.7x the
+    population variance in the first BN layer of a CIFAR-10 ResNet-32).
     """
-    batches = (aug.normalize(images_u8[s:s + batch]) for s in range(0, images_u8.shape[0], batch))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    perm = torch.randperm(images_u8.shape[0], generator=g).to(images_u8.device)
+    batches = (aug.normalize(images_u8[perm[s:s + batch]]) for s in range(0, images_u8.shape[0], batch))
     torch.optim.swa_utils.update_bn(batches, model)
     model.eval()
     return model
@@ -179,9 +195,9 @@ def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTR
 # Training with automatic resume
 
 def identity_diff(have: dict, want: dict) -> dict:
-    """{key: (have, want)} for the TRAIN_IDENTITY keys that differ (want compared as JSON would store it)."""
-    want = json.loads(json.dumps(want))
-    return {k: (have.get(k), want.get(k)) for k in TRAIN_IDENTITY if have.get(k) != want.get(k)}
+    """{key: (have, want)} for the config.RUN_IDENTITY keys that differ (compared as JSON stores them)."""
+    want = json.loads(json.dumps(run_identity(want)))
+    return {k: (have.get(k), want.get(k)) for k in RUN_IDENTITY if have.get(k) != want.get(k)}
 
 
 def weights_sha256(model) -> str:
@@ -211,6 +227,17 @@ def _write_curve(path: Path, rows: list):
         pd.DataFrame(rows, columns=list(CURVE_COLUMNS)).to_csv(tmp, index=False)
 
 
+def resolve_compile(compile_mode: str, device) -> bool:
+    """--compile auto: torch.compile the train step on CUDA only.  On these 2-core CPUs the compiled ResNet-32
+    step measured no reliable gain over eager bf16 channels_last (benchmarks/stage1_throughput.py --compile)
+    while costing a minute of compilation, so auto leaves it off there."""
+    if compile_mode not in ("auto", "on", "off"):
+        raise UserError(f"--compile must be auto, on or off, got {compile_mode!r}")
+    if compile_mode == "auto":
+        return torch.device(device).type == "cuda"
+    return compile_mode == "on"
+
+
 def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=False, stop_after=None,
           log=print):
     """Train (or resume, or reuse a finished) backbone under ``run_dir``.
@@ -225,7 +252,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     device = resolve_device(device) if isinstance(device, str) else device
     _set_determinism(deterministic, device)
     ckpt_path = run_dir / "checkpoint.pt"
-    ident = {k: cfg.get(k) for k in TRAIN_IDENTITY}
+    ident = run_identity(cfg)
 
     torch.manual_seed(cfg["seed"])
     model = create_model(cfg["backbone"], dataset.num_classes).to(device)
@@ -241,9 +268,9 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         except Exception as e:
             raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__}); delete it or use "
                             "--overwrite to retrain") from None
-        diff = identity_diff(ckpt.get("identity") or {}, ident)
+        diff = identity_diff(ckpt.get("identity") or {}, cfg)
         if diff:
-            raise UserError(f"checkpoint {ckpt_path} was trained with a different configuration "
+            raise UserError(f"checkpoint {ckpt_path} was trained with a different configuration or data "
                             f"(have, asked): {diff}; use another --run-name or --overwrite")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -264,8 +291,9 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     groups = class_groups(dataset.train_counts)
     n, bs = x_train.shape[0], cfg["batch_size"]
     iters_per_epoch = math.ceil(n / bs)
-    total_iters, warm = epochs * iters_per_epoch, cfg["warmup_epochs"] * iters_per_epoch
     precision = cfg["precision"]
+    step_model = torch.compile(model) if resolve_compile(cfg.get("compile", "off"), device) else model
+    eval_every = int(cfg.get("eval_every") or 1)
 
     def save(epoch):
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
@@ -287,18 +315,23 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
             idx = perm[b * bs:(b + 1) * bs]
             if idx.numel() < 2:  # BatchNorm needs two samples; at most one image of the epoch is skipped
                 continue
-            it = epoch * iters_per_epoch + b
-            lr = lr_at(it, total_iters, warm, cfg["lr"])
+            lr = lr_for(cfg, epoch, b, iters_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             y = y_train[idx]
             x = aug(x_train[idx]).contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step(model, opt, x, y, precision)
+            loss, logits = train_step(step_model, opt, x, y, precision)
             loss_sum += loss.detach() * idx.numel()
             correct += (logits.argmax(1) == y).sum()
             seen += idx.numel()
-        _, logits = predict_features(model, x_test, aug, precision=precision)
-        acc = evaluate(logits.argmax(1), dataset.test.labels, groups)
+        last = epoch + 1 == epochs
+        # test accuracy is a learning curve only: every eval_every epochs and at the last (the model), never
+        # used to pick an epoch
+        if last or (epoch + 1) % eval_every == 0:
+            _, logits = predict_features(model, x_test, aug, precision=precision)
+            acc = evaluate(logits.argmax(1), dataset.test.labels, groups)
+        else:
+            acc = dict.fromkeys(("all", "many", "medium", "few"), float("nan"))
         row = dict(epoch=epoch + 1, lr=lr, train_loss=float(loss_sum) / max(seen, 1),
                    train_acc=100 * float(correct) / max(seen, 1), all=acc["all"], many=acc["many"],
                    medium=acc["medium"], few=acc["few"], seconds=time.time() - t0)
@@ -309,7 +342,6 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
             f"test All {fmt_acc(acc['all'])} Many {fmt_acc(acc['many'])} Med {fmt_acc(acc['medium'])} "
             f"Few {fmt_acc(acc['few'])}  lr {lr:.4f}  {row['seconds']:.1f}s  ETA {eta / 60:.1f} min")
         _write_curve(run_dir / "learning_curve.csv", rows)
-        last = epoch + 1 == epochs
         if last or (epoch + 1) % CHECKPOINT_EVERY == 0 or (stop_after is not None and epoch + 1 >= stop_after):
             save(epoch + 1)
         if stop_after is not None and epoch + 1 >= stop_after and not last:
@@ -330,25 +362,28 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
     dev = resolve_device(device)
     cfg = resolve_config(dataset, precision=resolve_precision(precision, dev), **overrides)
     run_dir = check_writable_dir(Path(cache_dir) / (run or run_name(dataset.name, dataset.imbalance,
-                                                                      cfg["backbone"], cfg["seed"])))
+                                                                      cfg["backbone"], cfg["seed"],
+                                                                      cfg["recipe"])))
     cache_path = run_dir / "features.h5"
-    ident = {k: cfg.get(k) for k in TRAIN_IDENTITY}
     if cache_path.exists() and not overwrite:
         have = read_cache(cache_path)
-        diff = identity_diff(have.provenance.get("config", {}), ident)
+        diff = identity_diff(have.provenance.get("config", {}), cfg)
         if diff:
-            raise UserError(f"{cache_path} exists with a different provenance (have, asked): {diff}; "
+            raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
                             "use another --run-name / --cache-dir, or --overwrite to replace it")
-        if not bn_recalibrate or "bn_recal" in have.variants:
+        recal_ok = "bn_recal" in have.variants and have.provenance.get("bn_recal_method") == BN_RECAL_METHOD
+        if not bn_recalibrate or recal_ok:
             log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
             return cache_path
+        log(f"cache {cache_path}: (re)building its bn_recal features with {BN_RECAL_METHOD}")
     if overwrite:
         for p in (run_dir / "checkpoint.pt", run_dir / "learning_curve.csv"):
             p.unlink(missing_ok=True)
 
     log(f"stage 1: {dataset.name} beta={dataset.imbalance:g} ({len(dataset.train.labels)} train / "
         f"{len(dataset.test.labels)} test images, {dataset.num_classes} classes) {cfg['backbone']} "
-        f"{cfg['epochs']} epochs on {dev} ({cfg['precision']}) -> {run_dir}")
+        f"recipe {cfg['recipe']}: {cfg['epochs']} epochs x {cfg['steps_per_epoch']} iterations of batch "
+        f"{cfg['batch_size']}, augment {cfg['augment']}, on {dev} ({cfg['precision']}) -> {run_dir}")
     t0 = time.time()
     model, rows = train(dataset, cfg, run_dir, dev, deterministic, stop_after, log)
     if model is None:
@@ -374,6 +409,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                            f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         deterministic=deterministic, train_seconds=round(train_seconds, 1),
+        bn_recal_method=BN_RECAL_METHOD if bn_recalibrate else None,
         final_test_accuracy={k: rows[-1][k] for k in ("all", "many", "medium", "few")} if rows else None)
     write_cache(cache_path, provenance=provenance, class_names=dataset.class_names,
                 train_counts=dataset.train_counts, classifier_weight=model.fc.weight.detach().float().cpu(),

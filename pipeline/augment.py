@@ -1,0 +1,187 @@
+"""Batched, per-sample training augmentation on the training device (CPU or CUDA), on uint8 NCHW tensors.
+
+No PIL, no DataLoader workers, no per-image Python loop: every random draw is made for the whole batch at
+once with the run's seeded generator, and each deterministic image operation runs once per *group* of
+images that drew the same parameters.
+
+Kinds (``BatchAugment(kind=...)``, the recipe's ``augment`` field):
+  cifar          RandomCrop(32, padding=4) on zero padding + RandomHorizontalFlip         (LDAM-DRW)
+  cifar-autoaug  the above + AutoAugment (CIFAR-10 policy) + Cutout(1 hole, 16 px)        (Balanced Meta-Softmax)
+  imagenet       RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + RandomHorizontalFlip   (Decoupling)
+
+AutoAugment: each image draws its own sub-policy (uniform over torchvision's 25 CIFAR-10 sub-policies), and
+for each of the sub-policy's two ops whether it applies (its probability) and, for signed ops, the sign
+(1/2 each), exactly as ``torchvision.transforms.v2.AutoAugment.forward`` does for one image.  The op
+itself is torchvision's own (``_apply_image_or_video_transform``, nearest interpolation, fill 0) on the
+group of images that drew it, so probabilities, magnitudes and pixel results are torchvision's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from .config import CUTOUT_LENGTH
+
+KINDS = ("cifar", "cifar-autoaug", "imagenet")
+
+_AA = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)  # holds the policy table and applies single ops
+CIFAR10_POLICY = _AA._policies                      # 25 x ((op, prob, magnitude bin), (op, prob, bin))
+NUM_BINS = 10                                       # torchvision's AutoAugment magnitude bins
+
+
+def op_magnitude(op: str, bin_idx, height: int, width: int) -> float:
+    """torchvision's magnitude of `op` at `bin_idx` (0.0 for ops without one) and whether it is signed."""
+    fn, signed = _AA._AUGMENTATION_SPACE[op]
+    mags = fn(NUM_BINS, height, width)
+    return (float(mags[bin_idx]) if mags is not None else 0.0), bool(signed and mags is not None)
+
+
+def apply_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
+    """One AutoAugment op with one magnitude on a uint8 batch [B,3,H,W], via torchvision v2."""
+    return _AA._apply_image_or_video_transform(x, op, magnitude, interpolation=_AA.interpolation,
+                                               fill=_AA._fill)
+
+
+def draw_autoaugment(b: int, device, generator=None):
+    """Per-image draws: sub-policy index [b], op applied [b,2] (bool), op negated [b,2] (bool)."""
+    sub = torch.randint(0, len(CIFAR10_POLICY), (b,), device=device, generator=generator)
+    probs = torch.tensor([[p for _, p, _ in pol] for pol in CIFAR10_POLICY], device=device)[sub]
+    # torchvision applies an op when rand <= p and negates a signed magnitude when rand <= 0.5
+    applied = torch.rand(b, 2, device=device, generator=generator) <= probs
+    negated = torch.rand(b, 2, device=device, generator=generator) <= 0.5
+    return sub, applied, negated
+
+
+def autoaugment(x: torch.Tensor, sub, applied, negated) -> torch.Tensor:
+    """Apply the drawn CIFAR-10 AutoAugment sub-policies to a uint8 batch [B,3,H,W] (a new tensor)."""
+    h, w = x.shape[-2:]
+    out = x.clone()
+    for k in torch.unique(sub).tolist():  # one host sync per batch for the groups present
+        members = (sub == k).nonzero().squeeze(1)
+        xs = out[members]
+        for j, (op, _, bin_idx) in enumerate(CIFAR10_POLICY[k]):
+            mag, signed = op_magnitude(op, bin_idx, h, w)
+            for sign in ((1.0, -1.0) if signed else (1.0,)):
+                sel = applied[members, j]
+                if signed:
+                    sel = sel & (negated[members, j] == (sign < 0))
+                idx = sel.nonzero().squeeze(1)
+                if idx.numel():
+                    xs[idx] = apply_op(xs[idx], op, sign * mag)
+        out[members] = xs
+    return out
+
+
+def draw_cutout(b: int, h: int, w: int, device, generator=None):
+    """Cutout centres (y, x), each uniform over the image, as DeVries & Taylor's np.random.randint(h)."""
+    y = torch.randint(0, h, (b,), device=device, generator=generator)
+    x = torch.randint(0, w, (b,), device=device, generator=generator)
+    return y, x
+
+
+def cutout(x: torch.Tensor, cy, cx, length: int = CUTOUT_LENGTH) -> torch.Tensor:
+    """Zero a length x length box centred at (cy, cx), clipped at the border (so edge boxes are smaller).
+
+    The reference fills 0 after ToTensor and before Normalize, i.e. black pixels: 0 in uint8."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device)[None, :]
+    cols = torch.arange(w, device=x.device)[None, :]
+    in_rows = (rows >= (cy - length // 2).clamp(0, h)[:, None]) & (rows < (cy + length // 2).clamp(0, h)[:, None])
+    in_cols = (cols >= (cx - length // 2).clamp(0, w)[:, None]) & (cols < (cx + length // 2).clamp(0, w)[:, None])
+    box = in_rows[:, :, None] & in_cols[:, None, :]  # [B,H,W]
+    return x.masked_fill(box[:, None], 0)
+
+
+def pad_crop_flip(x: torch.Tensor, i, j, flip, pad: int = 4) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) at offsets (i, j) in [0, 2*pad] on zero padding, then a horizontal flip
+    where `flip` is set; one gather for the whole batch."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    rows = (i[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = j[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+              rows, cols]
+
+
+def rrc_params(b: int, height: int, width: int, device, generator=None, scale=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3), tries: int = 10):
+    """Crop boxes (top, left, h, w) with torchvision's RandomResizedCrop.get_params semantics, batched.
+
+    Per image: up to `tries` draws of (area fraction ~ U(scale), log aspect ~ U(log ratio)), w = round(sqrt(
+    area*ratio)), h = round(sqrt(area/ratio)); the first draw that fits is kept, its top-left uniform over the
+    valid positions; when none fits, the centre crop of the largest box whose aspect is within `ratio`."""
+    area = height * width
+    target = area * torch.empty(b, tries, device=device).uniform_(scale[0], scale[1], generator=generator)
+    logr = torch.empty(b, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                           generator=generator)
+    ar = torch.exp(logr)
+    w = torch.sqrt(target * ar).round().long()
+    h = torch.sqrt(target / ar).round().long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1, device=device))
+    # fallback (torchvision): centre crop, aspect clamped into `ratio`
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    sel = first.clamp(min=0)[:, None]
+    cw = torch.where(first >= 0, w.gather(1, sel).squeeze(1), torch.full_like(first, fw))
+    ch = torch.where(first >= 0, h.gather(1, sel).squeeze(1), torch.full_like(first, fh))
+    u = torch.rand(b, 2, device=device, generator=generator)
+    top = torch.where(first >= 0, (u[:, 0] * (height - ch + 1)).floor().long(), (height - ch) // 2)
+    left = torch.where(first >= 0, (u[:, 1] * (width - cw + 1)).floor().long(), (width - cw) // 2)
+    return top, left, ch, cw
+
+
+def resized_crop(x: torch.Tensor, top, left, h, w, flip, out_size: int) -> torch.Tensor:
+    """Bilinear resize of each crop box to out_size x out_size (optionally flipped), one affine resampling
+    for the whole batch.  Works on any float batch [B,C,H,W]."""
+    b, _, H, W = x.shape
+    sx, sy = w.float() / W, h.float() / H                      # box size in normalised units (half-extent)
+    tx = (2 * left.float() + w.float()) / W - 1                # box centre in [-1, 1] (align_corners=False)
+    ty = (2 * top.float() + h.float()) / H - 1
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, (b, x.shape[1], out_size, out_size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class BatchAugment:
+    """uint8 NCHW batches -> normalised float batches, augmented on the device with a seeded generator."""
+
+    def __init__(self, mean, std, device, kind="cifar", out_size=None, generator=None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown augmentation {kind!r}; expected one of {KINDS}")
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.kind, self.out_size, self.g, self.device = kind, out_size, generator, device
+
+    def normalize(self, x_uint8):
+        return (x_uint8.float() - self.mean) / self.std
+
+    def __call__(self, x):
+        b, _, h, w = x.shape
+        dev, g = self.device, self.g
+        flip = torch.rand(b, device=dev, generator=g) < 0.5
+        if self.kind in ("cifar", "cifar-autoaug"):
+            i = torch.randint(0, 9, (b,), device=dev, generator=g)
+            j = torch.randint(0, 9, (b,), device=dev, generator=g)
+            x = pad_crop_flip(x, i, j, flip)
+            if self.kind == "cifar-autoaug":
+                # BALMS order: crop, flip, AutoAugment (PIL, uint8), ToTensor, Cutout, Normalize
+                x = autoaugment(x, *draw_autoaugment(b, dev, g))
+                x = cutout(x, *draw_cutout(b, h, w, dev, g))
+            return self.normalize(x)
+        top, left, ch, cw = rrc_params(b, h, w, dev, g)
+        return resized_crop(self.normalize(x), top, left, ch, cw, flip, self.out_size or w)
