@@ -10,8 +10,12 @@ Layout of ``features.h5`` (schema version 1)::
     classifier/weight      f32   [C,d] stage-1 linear classifier (the Softmax baseline)
     classifier/bias        f32   [C]
     <variant>/<split>/features  f32   [N,d]  variant in {plain, bn_recal}; split in {train, val, test}
+                                             (f16 where attrs feature_dtype = float16; read back as f32)
     <variant>/<split>/labels    int64 [N]
     learning_curve/<column>     per-epoch stage-1 test accuracy (epoch, lr, train_loss, all, many, ...)
+    model/<state-dict key>      optional: the backbone's weights and buffers (final checkpoint, float32)
+
+Datasets are gzip-compressed (with the byte-shuffle filter), so a shipped CIFAR cache stays a few MB.
 
 ``plain`` features come straight from the final checkpoint in eval mode; ``bn_recal`` come from the same
 weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4).
@@ -50,9 +54,18 @@ def run_name(dataset: str, imbalance, backbone: str, seed: int, recipe: str | No
     return f"{dataset}-b{b}-{backbone}{'-' + recipe if recipe else ''}-s{seed}"
 
 
+FEATURE_DTYPES = ("float32", "float16")
+_COMPRESS = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+
 def write_cache(path, *, provenance: dict, class_names, train_counts, classifier_weight, classifier_bias,
-                features: dict, learning_curve: dict | None = None) -> Path:
-    """Write a complete cache atomically.  ``features[variant][split] = (X [N,d], y [N])``."""
+                features: dict, learning_curve: dict | None = None, model_state: dict | None = None,
+                feature_dtype: str = "float32") -> Path:
+    """Write a complete cache atomically.  ``features[variant][split] = (X [N,d], y [N])``; ``model_state``
+    is an optional state dict (name -> array) of the backbone; ``feature_dtype`` float16 halves the size
+    (tests/test_models_train.py checks that every head's accuracy moves by < 0.1 point)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
     path = Path(path)
     for variant, splits in features.items():
         if variant not in VARIANTS:
@@ -72,6 +85,7 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
                 if prov.get(k) is not None:
                     f.attrs[k] = prov[k]
             f.attrs["variants"] = json.dumps(sorted(features))
+            f.attrs["feature_dtype"] = feature_dtype
             g = f.create_group("classes")
             g.create_dataset("names", data=np.array([str(c) for c in class_names], dtype=h5py.string_dtype()))
             g.create_dataset("train_counts", data=counts)
@@ -87,13 +101,42 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
                                            "the training set (cumulative average, no augmentation)")
                 for split, (x, y) in splits.items():
                     sg = vg.create_group(split)
-                    sg.create_dataset("features", data=np.asarray(x, dtype=np.float32))
-                    sg.create_dataset("labels", data=np.asarray(y, dtype=np.int64))
+                    sg.create_dataset("features", data=np.asarray(x, dtype=feature_dtype), **_COMPRESS)
+                    sg.create_dataset("labels", data=np.asarray(y, dtype=np.int64), **_COMPRESS)
             if learning_curve:
                 g = f.create_group("learning_curve")
                 for col, values in learning_curve.items():
                     g.create_dataset(col, data=np.asarray(values, dtype=np.float64))
+            if model_state:
+                g = f.create_group("model")
+                for k, v in model_state.items():
+                    v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+                    g.create_dataset(k, data=v, **(_COMPRESS if v.ndim else {}))
     return path
+
+
+def repack_cache(src, dst, feature_dtype: str = "float16", checkpoint=None) -> Path:
+    """Rewrite a cache compressed, with features stored as ``feature_dtype``, adding the model's weights from
+    ``checkpoint`` (a `pipeline extract` checkpoint.pt whose weights must hash to the cache's weights_sha256).
+    For shipping caches in git.  The fingerprint is unchanged: storage is not identity."""
+    c = read_cache(src)
+    prov = dict(c.provenance, feature_dtype=feature_dtype)
+    state = c.model_state()
+    if checkpoint is not None:
+        import torch
+        from .models import create_model
+        from .train import weights_sha256
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model = create_model(prov["backbone"], c.num_classes)
+        model.load_state_dict(ck["model"])
+        if weights_sha256(model) != prov.get("weights_sha256"):
+            raise UserError(f"{checkpoint} does not hold the weights of {c.path} (weights_sha256 differs)")
+        state = model.state_dict()
+    features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in c.variants}
+    return write_cache(dst, provenance=prov, class_names=c.class_names, train_counts=c.train_counts,
+                       classifier_weight=c.classifier_weight, classifier_bias=c.classifier_bias,
+                       features=features, learning_curve=c.learning_curve() or None, model_state=state,
+                       feature_dtype=feature_dtype)
 
 
 @dataclass
@@ -132,7 +175,16 @@ class FeatureCache:
                 have = [s for s in SPLITS if f"{variant}/{s}" in f]
                 raise UserError(f"cache {self.path} has no {split!r} split for {variant!r} features "
                                 f"(has {have})")
-            return f[key]["features"][()], f[key]["labels"][()]
+            return f[key]["features"][()].astype(np.float32, copy=False), f[key]["labels"][()]
+
+    def model_state(self) -> dict | None:
+        """The backbone's state dict as numpy arrays, or None when the cache does not hold it."""
+        with h5py.File(self.path, "r") as f:
+            if "model" not in f:
+                return None
+            out = {}
+            f["model"].visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+            return out
 
     def learning_curve(self) -> dict:
         with h5py.File(self.path, "r") as f:

@@ -97,6 +97,24 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     click.echo(f"cache: {path}")
 
 
+@cli.command("pack-cache")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the packed features.h5.")
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")
+def pack_cache(cache, out, feature_dtype, checkpoint):
+    """Rewrite a cache compressed (float16 features by default) with its model weights, for shipping in git."""
+    from .cache import read_cache, repack_cache
+    if Path(out).resolve() == read_cache(cache).path.resolve():
+        raise UserError("--out must differ from the source cache")
+    check_writable_dir(Path(out).parent, "--out")
+    path = repack_cache(cache, out, feature_dtype, checkpoint)
+    c = read_cache(path)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {feature_dtype} features, fingerprint "
+               f"{c.fingerprint}, model weights {'yes' if c.model_state() else 'no'})")
+
+
 @cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 def info(cache):

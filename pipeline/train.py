@@ -413,6 +413,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         final_test_accuracy={k: rows[-1][k] for k in ("all", "many", "medium", "few")} if rows else None)
     write_cache(cache_path, provenance=provenance, class_names=dataset.class_names,
                 train_counts=dataset.train_counts, classifier_weight=model.fc.weight.detach().float().cpu(),
-                classifier_bias=model.fc.bias.detach().float().cpu(), features=features, learning_curve=curve)
+                classifier_bias=model.fc.bias.detach().float().cpu(), features=features, learning_curve=curve,
+                model_state=model.state_dict())
     log(f"wrote {cache_path} (fingerprint {fingerprint(provenance)}; variants {sorted(features)})")
     return cache_path

@@ -1,3 +1,4 @@
+import math
 import hashlib
 
 import h5py
@@ -9,7 +10,9 @@ from click.testing import CliRunner
 from pipeline.cache import read_cache
 from pipeline.cli import cli
 from pipeline.models import resnet10, resnet32
-from pipeline.train import BatchAugment, extract, lr_at, recalibrate_bn, resolve_config, to_device_uint8, train
+from pipeline.augment import BatchAugment
+from pipeline.train import (balms_lr, extract, lr_at, lr_for, recalibrate_bn, resolve_config, to_device_uint8,
+                            train)
 
 from .conftest import CIFAR10_JPEG, needs_cifar_jpeg, tiny_dataset
 
@@ -34,31 +37,58 @@ def test_resnet10_features():
     assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 1 + 8 + 3  # stem, 4x2 convs, 3 downsamples
 
 
-def test_cifar_augment_is_pad_crop_flip():
-    g = torch.Generator().manual_seed(0)
-    aug = BatchAugment((0, 0, 0), (1 / 255,) * 3, torch.device("cpu"), "cifar", generator=g)
-    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).add(1).to(torch.uint8).view(2, 3, 32, 32)
-    out = aug(x)  # normalize with mean 0, std 1/255 -> raw pixel values
-    assert out.shape == x.shape
-    for b in range(2):
-        xp = torch.nn.functional.pad(x[b].float(), (4, 4, 4, 4))
-        hits = [(i, j, fl) for i in range(9) for j in range(9) for fl in (False, True)
-                if torch.equal((xp[:, i:i + 32, j:j + 32].flip(2) if fl else xp[:, i:i + 32, j:j + 32]), out[b])]
-        assert len(hits) == 1  # every output is exactly one padded crop (optionally flipped)
-
-
-def test_imagenet_augment_shapes():
-    g = torch.Generator().manual_seed(0)
-    aug = BatchAugment((0.5,) * 3, (0.25,) * 3, torch.device("cpu"), "imagenet", out_size=24, generator=g)
-    out = aug(torch.randint(0, 255, (3, 3, 40, 40), dtype=torch.uint8))
-    assert out.shape == (3, 3, 24, 24) and torch.isfinite(out).all()
-
-
 def test_lr_schedule():
     assert lr_at(0, 100, 10, 0.1) == pytest.approx(0.01)
     assert lr_at(9, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_at(55, 100, 10, 0.1) == pytest.approx(0.05)
     assert lr_at(99, 100, 10, 0.1) < 0.001
+
+
+def _fake_cifar10_lt(n=12406):
+    """An LTDataset with the CIFAR-10-LT beta=100 training-set size (1x1 images: only the size matters)."""
+    from pipeline.data import LTDataset, Split
+    return LTDataset(name="cifar10-lt", class_names=[str(i) for i in range(10)],
+                     train=Split(np.zeros((n, 1, 1, 3), np.uint8), np.arange(n) % 10),
+                     test=Split(np.zeros((10, 1, 1, 3), np.uint8), np.arange(10)), imbalance=100.0)
+
+
+def test_paper_recipe_schedule_is_balms():
+    """13,000 iterations at batch 512 on 12,406 images: 25 steps/epoch, 520 epochs, 32 warm-up epochs; lr
+    0.05 at the first epoch rising linearly to 0.1 at epoch 32, cosine to exactly 0 at the last epoch, as
+    BALMS's CosineAnnealingLRWarmup stepped at the start of each epoch (last_epoch = 1..520)."""
+    cfg = resolve_config(_fake_cifar10_lt(), recipe="paper", precision="fp32")
+    assert (cfg["steps_per_epoch"], cfg["epochs"], cfg["warmup_epochs"]) == (25, 520, 32)
+    assert (cfg["batch_size"], cfg["weight_decay"], cfg["augment"]) == (512, 5e-4, "cifar-autoaug")
+
+    def balms(last_epoch, T=520, W=32, base=0.05, warm=0.1):  # utils.CosineAnnealingLRWarmup.get_lr
+        if last_epoch < W:
+            return (warm - base) / (W - 1) * (last_epoch - 1) + base
+        return warm * (1 + math.cos(math.pi * (last_epoch - W) / (T - W))) / 2
+
+    lrs = [lr_for(cfg, e, b, 25) for e in range(520) for b in (0, 24)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == lrs[0]       # constant within an epoch
+    assert lr_for(cfg, 30, 0, 25) == pytest.approx(0.05 + 0.05 * 30 / 31)
+    assert lr_for(cfg, 31, 0, 25) == pytest.approx(0.1)              # epoch 32: the peak
+    assert lr_for(cfg, 519, 24, 25) == pytest.approx(0.0, abs=1e-12)  # the last iteration
+    np.testing.assert_allclose(lrs[::2], [balms(e) for e in range(1, 521)], rtol=1e-12, atol=1e-15)
+    assert balms_lr(1, 10, 0, 0.05, 0.1) == pytest.approx(0.1 * (1 + math.cos(math.pi / 10)) / 2)
+
+
+def test_recipes_and_budget():
+    from pipeline.utils import UserError
+    ds = _fake_cifar10_lt()
+    assert resolve_config(ds, recipe="paper", iterations=2000)["epochs"] == 80
+    assert resolve_config(ds, recipe="paper", epochs=7)["epochs"] == 7
+    ldam = resolve_config(ds, recipe="ldam")
+    assert (ldam["epochs"], ldam["batch_size"], ldam["weight_decay"], ldam["augment"]) == (200, 128, 2e-4, "cifar")
+    wb = resolve_config(ds, recipe="wb")
+    assert (wb["epochs"], wb["batch_size"], wb["lr"], wb["weight_decay"], wb["warmup_epochs"]) == \
+        (320, 64, 0.01, 5e-3, 0)
+    assert resolve_config(ds)["recipe"] == "paper"
+    with pytest.raises(UserError, match="not both"):
+        resolve_config(ds, epochs=3, iterations=100)
+    with pytest.raises(UserError, match="for imagenet data"):
+        resolve_config(ds, recipe="decoupling")
 
 
 def _cfg(ds, epochs=4):
@@ -104,6 +134,43 @@ def test_bn_recalibration_changes_stats_not_weights(tmp_path):
     assert not model.training
 
 
+def test_bn_recalibration_on_class_sorted_data_matches_population():
+    """Class-sorted training data (as our arrays are): the re-estimated running mean/var of the first BN
+    layer are within 2% of the population statistics of its input over the whole training set."""
+    from pipeline.data import LTDataset, Split
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 500)
+    x = (rng.integers(0, 40, (2000, 8, 8, 3)) + 60 * y[:, None, None, None]).astype(np.uint8)  # sorted by class
+    ds = LTDataset(name="cifar10-lt", class_names=list("abcd"), train=Split(x, y), test=Split(x[:4], y[:4]))
+    torch.manual_seed(0)
+    model = resnet32(4)
+    aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
+    xt = to_device_uint8(ds.train.images, "cpu")
+    recalibrate_bn(model, xt, aug, batch=100)
+    with torch.no_grad():
+        pre = model.conv1(aug.normalize(xt))  # input of the first BN layer, whole training set
+    mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
+    bn = model.bn1
+    np.testing.assert_allclose(bn.running_mean, mean, rtol=0.02, atol=0.02 * mean.abs().max().item())
+    np.testing.assert_allclose(bn.running_var, var, rtol=0.02)
+
+
+def test_changed_pixel_refuses_checkpoint_and_cache(tmp_path):
+    from pipeline.utils import UserError
+    ds = tiny_dataset()
+    kw = dict(epochs=1, batch_size=8, warmup_epochs=0, precision="fp32", device="cpu", log=lambda *a: None)
+    extract(ds, tmp_path, run="r", **kw)
+    ds.train.images[0, 0, 0, 0] ^= 1  # one pixel of the source
+    with pytest.raises(UserError, match="data_hash"):
+        extract(ds, tmp_path, run="r", **kw)
+    # a killed run does not resume on other data either
+    ds2 = tiny_dataset()
+    train(ds2, _cfg(ds2, 3), tmp_path / "k", "cpu", stop_after=1, log=lambda *a: None)
+    ds2.test.labels[0] = (ds2.test.labels[0] + 1) % ds2.num_classes
+    with pytest.raises(UserError, match="data_hash"):
+        train(ds2, _cfg(ds2, 3), tmp_path / "k", "cpu", log=lambda *a: None)
+
+
 def test_deterministic_cpu_repeats(tmp_path):
     ds = tiny_dataset()
     a = extract(ds, tmp_path / "x", epochs=2, batch_size=8, warmup_epochs=1, precision="fp32",
@@ -127,9 +194,11 @@ def test_extract_cli_end_to_end_real_jpeg(tmp_path):
             "--cache-dir", str(tmp_path), "--bn-recalibrate", "--device", "cpu"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    path = tmp_path / "cifar10-lt-b10-resnet32-s0" / "features.h5"
+    path = tmp_path / "cifar10-lt-b10-resnet32-paper-s0" / "features.h5"
     c = read_cache(path)
     p = c.provenance
+    assert p["config"]["recipe"] == "paper" and p["config"]["augment"] == "cifar-autoaug"
+    assert len(p["config"]["data_hash"]) == 32
     for key in ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed", "config",
                 "checkpoint_sha256", "git_commit", "torch_version", "created", "data_source"):
         assert p.get(key) not in (None, ""), key
@@ -201,7 +270,13 @@ def test_read_cache_refuses_foreign_and_mismatch(tmp_path):
     assert read_cache(p, expect={"dataset": "cifar10-lt", "imbalance": 100}).num_classes == 10
     with pytest.raises(UserError, match="imbalance"):
         read_cache(p, expect={"imbalance": 200})
+    with h5py.File(p, "a") as f:  # an edited provenance no longer matches the fingerprint
+        prov = f.attrs["provenance"]
+        f.attrs["provenance"] = prov.replace('"imbalance": 100', '"imbalance": 50')
+    with pytest.raises(UserError, match="fingerprint"):
+        read_cache(p)
     with h5py.File(p, "a") as f:
+        f.attrs["provenance"] = prov
         f.attrs["schema_version"] = 99
     with pytest.raises(UserError, match="schema version 99"):
         read_cache(p)

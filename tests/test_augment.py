@@ -1,0 +1,194 @@
+"""On-device batch augmentation against torchvision and the reference code, draw by draw and in distribution."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torchvision import transforms as T1
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.augment import (CIFAR10_POLICY, BatchAugment, apply_op, autoaugment, cutout, draw_autoaugment,
+                              draw_cutout, op_magnitude, pad_crop_flip, resized_crop, rrc_params)
+
+CPU = torch.device("cpu")
+
+
+def _images(b, h=32, w=32, seed=0):
+    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- AutoAugment ----------------------------------------------------------------------------------
+
+def test_policy_is_torchvision_cifar10():
+    assert CIFAR10_POLICY == v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies
+    assert len(CIFAR10_POLICY) == 25
+
+
+def test_autoaugment_draw_frequencies_match_policy():
+    n = 20000
+    sub, applied, negated = draw_autoaugment(n, CPU, torch.Generator().manual_seed(1))
+    counts = torch.bincount(sub, minlength=25).numpy()
+    # sub-policies uniform: chi-square goodness of fit
+    assert stats.chisquare(counts).pvalue > 1e-3
+    for k, pol in enumerate(CIFAR10_POLICY):
+        m = sub == k
+        for j, (_, p, _) in enumerate(pol):
+            rate = applied[m, j].float().mean().item()
+            se = math.sqrt(max(p * (1 - p), 1e-4) / m.sum().item())
+            assert abs(rate - p) < 5 * se + 1e-9, (k, j, rate, p)
+    assert abs(negated.float().mean().item() - 0.5) < 0.01
+
+
+def test_one_op_equals_torchvision_functional():
+    x = _images(3)
+    mag, signed = op_magnitude("Rotate", 2, 32, 32)
+    assert signed and mag == pytest.approx(30 * 2 / 9)
+    ref = torch.stack([TF.rotate(img, angle=-mag, interpolation=v2.InterpolationMode.NEAREST, fill=0) for img in x])
+    assert torch.equal(apply_op(x, "Rotate", -mag), ref)
+    mag, _ = op_magnitude("TranslateX", 9, 32, 32)
+    ref = torch.stack([TF.affine(img, angle=0.0, translate=[int(mag), 0], scale=1.0, shear=[0.0, 0.0],
+                                 interpolation=v2.InterpolationMode.NEAREST, fill=0) for img in x])
+    assert torch.equal(apply_op(x, "TranslateX", mag), ref)
+    ref = torch.stack([TF.adjust_contrast(img, 1.0 + op_magnitude("Contrast", 6, 32, 32)[0]) for img in x])
+    assert torch.equal(apply_op(x, "Contrast", op_magnitude("Contrast", 6, 32, 32)[0]), ref)
+    assert torch.equal(apply_op(x, "Posterize", op_magnitude("Posterize", 7, 32, 32)[0]),
+                       TF.posterize(x, bits=int(op_magnitude("Posterize", 7, 32, 32)[0])))
+
+
+def _reference_autoaugment(img, k, applied, negated):
+    """torchvision's AutoAugment.forward for one image with the sub-policy / coin flips given."""
+    for j, (op, _, bin_idx) in enumerate(CIFAR10_POLICY[k]):
+        if not applied[j]:
+            continue
+        mag, signed = op_magnitude(op, bin_idx, 32, 32)
+        img = apply_op(img[None], op, -mag if (signed and negated[j]) else mag)[0]
+    return img
+
+
+def test_batched_autoaugment_equals_per_image_reference():
+    x = _images(300, seed=3)
+    sub, applied, negated = draw_autoaugment(300, CPU, torch.Generator().manual_seed(2))
+    assert len(torch.unique(sub)) >= 20  # a batch never applies one sub-policy to all images
+    out = autoaugment(x, sub, applied, negated)
+    changed = 0
+    for i in range(300):
+        ref = _reference_autoaugment(x[i], int(sub[i]), applied[i].tolist(), negated[i].tolist())
+        assert torch.equal(out[i], ref), i
+        changed += not torch.equal(out[i], x[i])
+    assert changed > 150  # most images were transformed
+    assert torch.equal(x, _images(300, seed=3))  # input untouched
+
+
+# ---- Cutout ---------------------------------------------------------------------------------------
+
+def _devries_cutout(img, y, x, length=16):
+    """DeVries & Taylor's Cutout (as in the BALMS code) with the centre given, on a [C,H,W] array."""
+    h, w = img.shape[1:]
+    mask = np.ones((h, w), np.float32)
+    y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
+    x1, x2 = np.clip(x - length // 2, 0, w), np.clip(x + length // 2, 0, w)
+    mask[y1:y2, x1:x2] = 0.
+    return img * mask
+
+
+def test_cutout_matches_reference_box_size_and_fill():
+    x = torch.full((4, 3, 32, 32), 200, dtype=torch.uint8)
+    cy, cx = torch.tensor([16, 0, 31, 5]), torch.tensor([16, 0, 5, 31])
+    out = cutout(x, cy, cx)
+    assert [(out[i, 0] == 0).sum().item() for i in range(4)] == [256, 64, 9 * 13, 13 * 9]
+    assert set(torch.unique(out).tolist()) == {0, 200}
+    xs = _images(64, seed=5)
+    cy, cx = draw_cutout(64, 32, 32, CPU, torch.Generator().manual_seed(0))
+    out = cutout(xs, cy, cx)
+    for i in range(64):
+        ref = _devries_cutout(xs[i].numpy().astype(np.float32), int(cy[i]), int(cx[i]))
+        np.testing.assert_array_equal(out[i].numpy().astype(np.float32), ref)
+    assert 0 <= cy.min() and cy.max() <= 31 and len(torch.unique(cy)) > 20
+
+
+def test_cifar_autoaug_pipeline_order():
+    """crop/flip, then AutoAugment, then Cutout (black), then normalisation: with mean 0 / std 1/255 the output
+    holds raw pixel values, and every image has a black Cutout box of the drawn size."""
+    g = torch.Generator().manual_seed(0)
+    aug = BatchAugment((0, 0, 0), (1 / 255,) * 3, CPU, "cifar-autoaug", generator=g)
+    x = torch.full((256, 3, 32, 32), 77, dtype=torch.uint8)
+    out = aug(x)
+    g2 = torch.Generator().manual_seed(0)  # replay the draws in the documented order
+    flip = torch.rand(256, generator=g2) < 0.5
+    i, j = torch.randint(0, 9, (256,), generator=g2), torch.randint(0, 9, (256,), generator=g2)
+    ref = pad_crop_flip(x, i, j, flip)
+    ref = autoaugment(ref, *draw_autoaugment(256, CPU, g2))
+    ref = cutout(ref, *draw_cutout(256, 32, 32, CPU, g2))
+    torch.testing.assert_close(out, ref.float())
+
+
+# ---- pad-crop-flip and random-resized-crop --------------------------------------------------------
+
+def test_pad_crop_flip_offsets_and_flips():
+    """Every one of the 81 offsets occurs and about half the images are flipped, read off the pixels."""
+    n = 4000
+    rows = torch.arange(1, 33).view(1, 32, 1).expand(32, 32, 32)   # channel 0 = row + 1 (0 = padding)
+    cols = torch.arange(1, 33).view(1, 1, 32).expand(32, 32, 32)   # channel 1 = column + 1
+    img = torch.stack([rows[0], cols[0], torch.zeros(32, 32, dtype=torch.long)]).to(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    aug = BatchAugment((0, 0, 0), (1 / 255,) * 3, CPU, "cifar", generator=g)
+    out = aug(img.expand(n, 3, 32, 32).contiguous()).round().long()
+    i = out[:, 0, 16, 16] - 1 - 12                      # output row 16 = padded row i + 16 = source row i + 12
+    flipped = (out[:, 1, 16, 17] - out[:, 1, 16, 16]) < 0
+    j = torch.where(flipped, out[:, 1, 16, 16] - 1 - 11, out[:, 1, 16, 16] - 1 - 12)
+    assert set(zip(i.tolist(), j.tolist())) == {(a, b) for a in range(9) for b in range(9)}
+    assert abs(flipped.float().mean().item() - 0.5) < 0.04
+    # and each output is exactly that padded crop
+    xp = torch.nn.functional.pad(img, (4, 4, 4, 4))
+    for k in range(50):
+        crop = xp[:, i[k]:i[k] + 32, j[k]:j[k] + 32]
+        assert torch.equal(out[k].to(torch.uint8), crop.flip(2) if flipped[k] else crop)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (20, 64)])
+def test_rrc_params_match_torchvision_get_params(hw):
+    h, w = hw
+    n = 4000
+    top, left, ch, cw = rrc_params(n, h, w, CPU, torch.Generator().manual_seed(0))
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
+    torch.manual_seed(0)
+    img = torch.zeros(3, h, w)
+    ref = np.array([T1.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])  # (i, j, h, w)
+                    for _ in range(n)])
+    ours = np.stack([top.numpy(), left.numpy(), ch.numpy(), cw.numpy()], 1)
+    area = lambda a: a[:, 2] * a[:, 3] / (h * w)  # noqa: E731
+    logr = lambda a: np.log(a[:, 3] / a[:, 2])  # noqa: E731
+    assert stats.ks_2samp(area(ours), area(ref)).pvalue > 1e-3
+    assert stats.ks_2samp(logr(ours), logr(ref)).pvalue > 1e-3
+    # the centre-crop fallback happens equally often (never on a square image, often on 20x64)
+    fallback = lambda a: np.mean((a[:, 0] == (h - a[:, 2]) // 2) & (a[:, 1] == (w - a[:, 3]) // 2)  # noqa: E731
+                                 & (a[:, 2] * a[:, 3] >= 0.9 * h * w))
+    assert abs(fallback(ours) - fallback(ref)) < 0.03
+
+
+def test_resized_crop_is_the_box_resampled():
+    """A crop box resized to its own size is exactly the box (flipped when asked); a smaller output is the box
+    downsampled, not the whole image resized."""
+    x = torch.rand(2, 3, 40, 40)
+    top, left = torch.tensor([3, 10]), torch.tensor([5, 0])
+    h, w = torch.tensor([16, 16]), torch.tensor([16, 16])
+    flip = torch.tensor([False, True])
+    out = resized_crop(x, top, left, h, w, flip, 16)
+    torch.testing.assert_close(out[0], x[0, :, 3:19, 5:21])
+    torch.testing.assert_close(out[1], x[1, :, 10:26, 0:16].flip(2))
+    out8 = resized_crop(x, top, left, h, w, torch.tensor([False, False]), 8)
+    torch.testing.assert_close(out8[0], torch.nn.functional.avg_pool2d(x[0:1, :, 3:19, 5:21], 2)[0])
+
+
+def test_imagenet_kind_crops_random_boxes():
+    g = torch.Generator().manual_seed(0)
+    aug = BatchAugment((0, 0, 0), (1 / 255,) * 3, CPU, "imagenet", out_size=24, generator=g)
+    x = _images(1, 48, 48).expand(64, 3, 48, 48).contiguous()
+    out = aug(x)
+    assert out.shape == (64, 3, 24, 24)
+    # identical inputs, different random boxes: the outputs differ from each other and from a plain resize
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) > 60
+    plain = torch.nn.functional.interpolate(x[:1].float(), size=24, mode="bilinear", align_corners=False)
+    assert min((o - plain[0]).abs().mean().item() for o in out) > 0.5
