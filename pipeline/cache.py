@@ -15,8 +15,8 @@ Layout of ``features.h5`` (schema version 1)::
 
 ``plain`` features come straight from the final checkpoint in eval mode; ``bn_recal`` come from the same
 weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4).
-The fingerprint is a hash of the identifying provenance (data, subset, backbone, recipe, hash of the
-weights) so that results rows can say exactly which features they were computed on.
+The fingerprint is a hash of the run identity (config.run_identity: data, subset, backbone, recipe, seed)
+and of the weights so that results rows can say exactly which features they were computed on.
 """
 from __future__ import annotations
 
@@ -28,19 +28,22 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import SCHEMA_VERSION, SPLITS, VARIANTS
+from .config import SCHEMA_VERSION, SPLITS, VARIANTS, run_identity
 from .metrics import class_groups
 from .utils import UserError, atomic_path
 
-# provenance keys that identify *what* the features are (not when/where they were written)
-# (the weights' hash, not the checkpoint file's: that one also covers optimizer state and timings)
-IDENTITY_KEYS = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed", "weights_sha256")
+# provenance fields that also sit at the top level of a cache's provenance (older caches and synthetic ones
+# carry them only there); the resolved config wins where it has them
+_TOP_LEVEL = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed")
 
 
 def fingerprint(provenance: dict) -> str:
-    ident = {k: provenance.get(k) for k in IDENTITY_KEYS}
-    # the data's location on disk is not part of what the features are
-    ident["config"] = {k: v for k, v in (provenance.get("config") or {}).items() if k != "source"}
+    """Hash of what the features are: the stage-1 run identity (config.run_identity, the same contract that
+    decides checkpoint resume and cache reuse) plus the hash of the trained weights.  Not where or when the
+    cache was written."""
+    cfg = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
+    ident = run_identity({**{k: provenance.get(k) for k in _TOP_LEVEL}, **cfg})
+    ident["weights_sha256"] = provenance.get("weights_sha256")
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
