@@ -68,9 +68,11 @@ def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16
     curve_epochs = np.arange(1, epochs + 1)
     provenance = dict(dataset=dataset, imbalance=float(imbalance), subset_seed=0, backbone="synthetic",
                       epochs=epochs, seed=seed, checkpoint_sha256="synthetic",
-                      # data_hash: what identifies these features in the cache fingerprint (config.RUN_IDENTITY)
                       config=dict(num_classes=num_classes, dim=dim, n_max=n_max, n_test=n_test,
-                                  tail_spread=tail_spread, separation=separation, data_hash=_hash(tx, ty, vx, vy)),
+                                  tail_spread=tail_spread, separation=separation),
+                      # stands in for the hash of trained weights: it makes the cache fingerprint tell apart
+                      # synthetic caches that differ in anything but the run identity (dim, spread, ...)
+                      weights_sha256=_hash(tx, ty, vx, vy),
                       data_source="synthetic Gaussian features (pipeline.synthetic)")
     return write_cache(path, provenance=provenance, class_names=[f"class{c}" for c in range(num_classes)],
                        train_counts=counts, classifier_weight=weight, classifier_bias=bias,
