@@ -16,6 +16,7 @@ Usage: run_all.sh [options]
   --cache-root DIR        caches to use: DIR/<run>/features.h5 (default: cache)
   --out DIR               report folder (default: reports)
   --quick                 only ncm and learned-ncm (tau 0 and 1/8): a smoke test, not the paper's tables
+                          (the fits come from `pipeline report --list-fits [--quick]`)
   --python PY             run the toolkit as "PY -m pipeline.cli" (default: `pipeline` on PATH, else
                           "python3 -m pipeline.cli")
   --extract-missing       first run `pipeline extract` (stage-1 training, hours per CIFAR run on CPU) for the
@@ -123,7 +124,9 @@ EOF
   fi
 fi
 
-# ---- stage 2: every head on every cache --------------------------------------------------------------
+# ---- stage 2: every fit the tables and figures need, on every cache ---------------------------------
+# The list comes from the report itself (`pipeline report --list-fits`: one "<cache dir><TAB><options>" per
+# fit), so this script never re-encodes which heads, tau values or feature variants the tables use.
 shopt -s nullglob
 CACHES=("$CACHE_ROOT"/*/features.h5)
 shopt -u nullglob
@@ -131,32 +134,20 @@ if [[ ${#CACHES[@]} -eq 0 ]]; then
   echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5; the report will list every cell as not run" >&2
   echo "            (create caches with \`pipeline extract ...\` or rerun with --extract-missing)" >&2
 fi
-
-if [[ $QUICK -eq 1 ]]; then
-  FITS=("ncm" "learned-ncm" "learned-ncm --tau 0.125")
-  BN_FITS=()
-else
-  FITS=("softmax" "ncm"
-        "learned-ncm" "learned-ncm --tau 0.0625" "learned-ncm --tau 0.125" "learned-ncm --tau 0.25"
-        "learned-ncm --tau 0.5" "learned-ncm --tau 1"
-        "multi-ncm" "multi-ncm --tau 0.125"
-        "local-projection" "metric-ncm --metric global" "metric-ncm --metric local"
-        "crt" "tau-norm" "lws" "posthoc-la")
-  BN_FITS=("learned-ncm --variant bn_recal" "multi-ncm --variant bn_recal")
-fi
-
-for h5 in ${CACHES[@]+"${CACHES[@]}"}; do
-  dir=$(dirname "$h5")
-  run=$(basename "$dir")
-  variants=$("$PY" -c 'import sys; from pipeline.cache import read_cache
-print(" ".join(read_cache(sys.argv[1]).variants))' "$h5") \
-    || { echo "run_all.sh: FAILED reading $h5 (not a valid cache?)" >&2; exit 1; }
-  todo=("${FITS[@]}")
-  if [[ " $variants " == *" bn_recal "* ]]; then todo+=(${BN_FITS[@]+"${BN_FITS[@]}"}); fi
-  for spec in "${todo[@]}"; do
-    read -r -a args <<<"$spec"
-    step "fit-head $run ${spec}" "${PIPE[@]}" fit-head --cache "$dir" --head "${args[@]}"
-  done
+LIST_FLAGS=(--list-fits)
+if [[ $QUICK -eq 1 ]]; then LIST_FLAGS+=(--quick); fi
+fits=$("${PIPE[@]}" report --cache-root "$CACHE_ROOT" "${LIST_FLAGS[@]}") \
+  || { echo "run_all.sh: FAILED listing the fits (pipeline report --list-fits)" >&2; exit 1; }
+FIT_DIRS=()
+FIT_ARGS=()
+while IFS=$'\t' read -r dir args; do
+  [[ -n "$dir" ]] || continue
+  FIT_DIRS+=("$dir")
+  FIT_ARGS+=("$args")
+done <<<"$fits"
+for i in "${!FIT_DIRS[@]}"; do
+  read -r -a args <<<"${FIT_ARGS[$i]}"
+  step "fit-head $(basename "${FIT_DIRS[$i]}") ${FIT_ARGS[$i]}" "${PIPE[@]}" fit-head --cache "${FIT_DIRS[$i]}" "${args[@]}"
 done
 
 # ---- report ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import torch
 
 from pipeline.data import lt_counts
 from pipeline.heads import HEADS, HeadData
+from pipeline.models import resnet10, resnet32
+from pipeline.utils import resolve_device
 
 TARGETS = {"a": 5.0, "b": 60.0}  # CPU targets for learned-ncm, seconds
 
@@ -106,11 +108,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes and 3 epochs (a smoke run)")
     ap.add_argument("--full", action="store_true", help="no extrapolation for multi-ncm on (b)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--sizes", default="a,b", help="which of a,b to run")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     epochs = 3 if args.quick else HEADS["learned-ncm"].defaults["epochs"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
@@ -123,11 +124,6 @@ def main():
     if args.quick:
         sizes = {"a": ("CIFAR-100-LT/4", np.array(lt_counts(125, 25, 100)), 32, 20),
                  "b": ("ImageNet-LT/10", imagenet_lt_counts(100, 11_585, 1280, 5), 128, 10)}
-    try:
-        from pipeline.models import resnet10, resnet32  # lazily: stage 1's models
-    except ImportError as e:  # pragma: no cover - only before pipeline.models exists
-        resnet32 = resnet10 = None
-        print(f"(ResNet timings skipped: {e})")
 
     per_image, timed = None, 0
     for key in args.sizes.split(","):
@@ -153,8 +149,9 @@ def main():
             if h == "learned-ncm" and device.type == "cpu" and not args.quick:
                 target = f"   CPU target <= {TARGETS[key]:.0f} s: {'met' if t <= TARGETS[key] else 'MISSED'}"
             print(f"  {h:12s} {'~' if extra else ' '}{t:8.2f} s{target}{note if h == 'multi-ncm' else ''}")
-        if resnet32 is None:
-            continue
+        ratio = fits["multi-ncm"][0] / fits["learned-ncm"][0]
+        print(f"  multi-ncm / learned-ncm: {'~' if fits['multi-ncm'][1] else ''}{ratio:.1f}x"
+              + (f"   target <= 3x: {'met' if ratio <= 3 else 'MISSED'}" if key == "b" and not args.quick else ""))
         if per_image is None:
             fwd, timed = time_forward(resnet32, N, 32, device, max_images=10_847)
         else:  # (b): reuse the per-image time of the (a)-sized pass

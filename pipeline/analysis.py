@@ -12,8 +12,6 @@ Everything here is plain numpy / scipy / scikit-learn on arrays, so it is usable
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 ESTIMATORS = ("mle", "ledoit-wolf", "oas")
@@ -121,30 +119,22 @@ def class_variances(x, y, num_classes: int | None = None) -> np.ndarray:
         return np.bincount(y, weights=sq, minlength=mu.shape[0]) / n
 
 
-def cdnv(x=None, y=None, centroids=None, variances=None, num_classes: int | None = None) -> float:
-    """Average pairwise class-distance normalised variance (Sec. 6):
+def cdnv(centroids, variances) -> float:
+    """Average pairwise class-distance normalised variance (Sec. 6, Galanti et al. 2021) -- the one
+    definition in the toolkit (stage 2 records it per epoch through it):
 
         CDNV(i, j) = (Var(i) + Var(j)) / (2 ||mu_i - mu_j||^2),   averaged over pairs i < j.
 
-    Var(y) is the intra-class variance around the empirical mean (fixed: Learned NCM moves only the
-    centroids); ``centroids`` defaults to the empirical means, so passing learned centroids measures how
-    far learning has separated them.  Either (x, y) or ``variances`` must be given.
+    ``variances`` [C] are the per-class variances to use (e.g. :func:`class_variances` around the empirical
+    means, or around the centroids being scored); pairs at distance 0 are left out.  float64.
     """
-    if variances is None:
-        if x is None or y is None:
-            raise ValueError("cdnv needs features (x, y) or per-class variances")
-        variances = class_variances(x, y, num_classes)
-    variances = np.asarray(variances, dtype=np.float64)
-    if centroids is None:
-        if x is None or y is None:
-            raise ValueError("cdnv needs centroids or features (x, y) to compute them")
-        centroids = class_means(x, y, len(variances))
     mu = np.asarray(centroids, dtype=np.float64)
+    var = np.asarray(variances, dtype=np.float64)
     sq = (mu ** 2).sum(1)
     d2 = sq[:, None] + sq[None, :] - 2 * mu @ mu.T
     iu = np.triu_indices(len(mu), k=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        vals = (variances[:, None] + variances[None, :])[iu] / (2 * np.maximum(d2[iu], 1e-12))
+        vals = (var[:, None] + var[None, :])[iu] / (2 * np.maximum(d2[iu], 1e-30))
     vals = vals[np.isfinite(vals)]
     return float(vals.mean()) if vals.size else float("nan")
 
@@ -197,7 +187,3 @@ def spread(emb, labels) -> dict:
         e = emb[labels == c]
         out[int(c)] = float(np.linalg.norm(e - e.mean(0), axis=1).mean())
     return out
-
-
-def finite_or_none(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v

@@ -2,19 +2,81 @@
 
 Bad input raises pipeline.utils.UserError anywhere below; it is printed here as one line
 ("Error: ...") with exit status 2 and no traceback.
+
+Only light modules are imported here (no torch, h5py, pandas or matplotlib), so that `pipeline --help` and
+option errors answer at once; each command imports the heavy module that does its work when it runs.
+Option choices come from the registries and constants themselves (heads, models, datasets, variants,
+eval splits), the torch-backed registries through :class:`LazyChoice`.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from .augment import KINDS as AUGMENT_KINDS
-from .config import RECIPES, SUBSET_SEED
+from .config import (AUGMENT_KINDS, EVAL_SPLITS, METRIC_DISTANCES, METRIC_KINDS, RECIPES, SUBSET_SEED,
+                     VARIANTS)
 from .data import DATASETS
-from .models import MODELS
 from .utils import UserError, check_writable_dir
+
+
+class LazyChoice(click.Choice):
+    """A click.Choice whose choices are read from a registry on first use (heads and models need torch)."""
+
+    def __init__(self, load):
+        self._load, self._choices = load, None
+        super().__init__(())
+
+    @property
+    def choices(self):
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns it; the registry is the source
+        pass
+
+
+def _models():
+    from .models import MODELS
+    return sorted(MODELS)
+
+
+def _heads():
+    from .heads import HEADS
+    return sorted(HEADS)
+
+
+class Device(click.ParamType):
+    """auto | cpu | cuda | cuda:N, the same for every command (availability is checked when it is used)."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+            return str(value)
+        self.fail(f"must be auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
+
+
+class TauNormP(click.ParamType):
+    """A number >= 0, or "auto" (chosen on the val split)."""
+    name = "p"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"must be a number >= 0 or 'auto', got {value!r}", param, ctx)
+        if not v >= 0:
+            self.fail(f"must be >= 0 or 'auto', got {value!r}", param, ctx)
+        return v
+
+
+DEVICE = Device()
 
 
 class _Group(click.Group):
@@ -43,7 +105,7 @@ def cli():
               help="CIFAR python folder or ImageFolder root (train/, test/); split files for *-lt lists.")
 @click.option("--imbalance", type=float, default=100.0, help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
 @click.option("--subset-seed", type=int, default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
-@click.option("--backbone", type=click.Choice(sorted(MODELS)), default=None,
+@click.option("--backbone", type=LazyChoice(_models), default=None,
               help="Default: resnet32 for CIFAR, resnet10 otherwise.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="Named stage-1 recipe (config.RECIPES); flags below override its fields.  "
@@ -65,7 +127,7 @@ def cli():
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
               help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
@@ -100,11 +162,12 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
 @cli.command("pack-cache")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the packed features.h5.")
-@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              help="float16 halves the size but moves some heads by > 0.1 point (see tests/test_cache.py).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")
 def pack_cache(cache, out, feature_dtype, checkpoint):
-    """Rewrite a cache compressed (float16 features by default) with its model weights, for shipping in git."""
+    """Rewrite a cache gzip-compressed with its model weights (for shipping in git); same fingerprint."""
     from .cache import read_cache, repack_cache
     if Path(out).resolve() == read_cache(cache).path.resolve():
         raise UserError("--out must differ from the source cache")
@@ -140,33 +203,35 @@ def info(cache):
                    "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------
-from .heads import HEADS as _HEADS  # noqa: E402  (the registry feeds --head's choices)
 
 
 @cli.command("fit-head")
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path),
               help="Run folder or its features.h5 (from `pipeline extract`).")
-@click.option("--head", required=True, type=click.Choice(sorted(_HEADS)), help="Classifier head to fit.")
+@click.option("--head", required=True, type=LazyChoice(_heads), help="Classifier head to fit.")
 @click.option("--tau", type=float, default=None,
               help="Logit-adjustment weight (>= 0). Default 0; 1 for posthoc-la.  [default: head's]")
-@click.option("--variant", type=click.Choice(["plain", "bn_recal"]), default="plain",
+@click.option("--variant", type=click.Choice(VARIANTS), default="plain",
               help="Feature variant: as extracted, or after BatchNorm re-estimation.")
 @click.option("--seed", type=int, default=0, help="Seed of sampling and initialisation.")
-@click.option("--epochs", type=int, default=None, help="Default 30 (NCM heads) / 10 (crt, lws).")
+@click.option("--epochs", type=int, default=None, help="Default 30 (NCM heads) / 10 (crt) / 5 (lws).")
 @click.option("--batch-size", type=int, default=None, help="Default 512.")
 @click.option("--lr", type=float, default=None, help="Default 5 (NCM heads) / 0.2 (crt, lws).")
 @click.option("--num-centroids", type=int, default=None, help="multi-ncm displacements K (default 20).")
-@click.option("--metric", type=click.Choice(["global", "local"]), default=None,
+@click.option("--metric", type=click.Choice(METRIC_KINDS), default=None,
               help="metric-ncm: one W or one W_y per class (default global).")
-@click.option("--p", type=float, default=None, help="tau-norm exponent (default 1; 0 = softmax).")
+@click.option("--distance", type=click.Choice(METRIC_DISTANCES), default=None,
+              help="metric-ncm: Eq. 3's squared Mahalanobis distance or its square root (default squared).")
+@click.option("--p", type=TauNormP(), default=None,
+              help="tau-norm exponent >= 0 (default 1), or 'auto': best of 0..2 step 0.1 on the val split.")
 @click.option("--cl2n/--no-cl2n", default=None, help="ncm: centre on the train mean + L2-normalise.  [default: no]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              help="auto = cuda if available, else cpu.")
+@click.option("--device", type=DEVICE, default="auto",
+              help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
 @click.option("--results", "results_path", type=click.Path(path_type=Path), default=None,
               help="results.csv to append to.  [default: <cache dir>/results.csv]")
-@click.option("--eval-split", type=click.Choice(["test", "val"]), default="test", help="Split to evaluate on.")
-def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, num_centroids, metric, p, cl2n,
-                 device, results_path, eval_split):
+@click.option("--eval-split", type=click.Choice(EVAL_SPLITS), default="test", help="Split to evaluate on.")
+def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, num_centroids, metric, distance, p,
+                 cl2n, device, results_path, eval_split):
     """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
     from .cache import read_cache
     from .fit import fit_head, record_fit
@@ -174,9 +239,10 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,
                    epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids, metric=metric,
-                   p=p, cl2n=cl2n)
+                   distance=distance, p=p, cl2n=cl2n)
     row = record_fit(cache, res, results_path)
     tau_s = f"  tau {res.tau:g}" if res.tau else ""
+    tau_s += f"  p {res.hparams['p']:g} (chosen on val)" if res.hparams.get("p_select") == "val" else ""
     click.echo(f"head {head}{tau_s}  cache {cache.path}  variant {variant}  ({eval_split} split)")
     click.echo(" / ".join(f"{k.capitalize()} {fmt_acc(res.acc[k])}" for k in ("many", "medium", "few", "all")))
     click.echo(f"fit {res.fit_seconds:.2f} s on {res.device}; row {row['fit_id']} -> "
@@ -197,15 +263,23 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
               help="Data root written into the `pipeline extract` commands of cells not run (repeatable).")
 @click.option("--list-missing", is_flag=True,
               help="Only print the `pipeline extract` commands for configurations without a cache; write nothing.")
-def report(cache_root, out, no_figures, tolerance, data_roots, list_missing):
+@click.option("--list-fits", is_flag=True,
+              help="Only print the fits the tables and figures need, one per line: <cache dir><TAB><fit-head "
+                   "options> (run_all.sh runs them); write nothing.")
+@click.option("--quick", is_flag=True, help="With --list-fits: only the smoke-test subset (ncm, learned-ncm).")
+def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, list_fits, quick):
     """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results."""
-    from .report import build_report, missing_extract_commands, parse_data_roots
-    roots = parse_data_roots(data_roots)
+    from . import report as rp  # pandas, matplotlib: only when a report is made
+    roots = rp.parse_data_roots(data_roots)
     if list_missing:
-        for cmd in missing_extract_commands(cache_root, roots):
+        for cmd in rp.missing_extract_commands(cache_root, roots):
             click.echo(cmd)
         return
-    res = build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots)
+    if list_fits:
+        for cache_dir, args in rp.needed_fits(cache_root, quick=quick):
+            click.echo(f"{cache_dir}\t{' '.join(args)}")
+        return
+    res = rp.build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(res.summary())

@@ -69,6 +69,7 @@ IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 # bins; Cutout as DeVries & Taylor's code used by BALMS: one hole, side 16, centre uniform over the image, the
 # box clipped at the border, filled with 0 (black) after AutoAugment and before normalisation.
 CUTOUT_LENGTH = 16
+AUGMENT_KINDS = ("cifar", "cifar-autoaug", "imagenet")  # pipeline.augment.BatchAugment(kind=...)
 
 # What a stage-1 run *is*: two configurations agreeing on these keys train the same model, so a checkpoint is
 # resumed / a cache reused only when they match, and the cache fingerprint hashes them.  `data_hash` is the
@@ -106,3 +107,16 @@ HEAD_DEFAULTS = dict(
     num_centroids=20,  # Multi-NCM displacements, "fixed at 20 after cross-validation"
     tau=0.0,           # logit adjustment weight; the paper's choice is 1/8
 )
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; fit.py
+# writes these columns, the report reads them, the CLI takes its choices from here)
+RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
+                  "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",
+                  "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
+                  "artifact")
+EVAL_SPLITS = ("test", "val")  # p auto (tau-norm) is picked on "val", so it cannot also be evaluated there
+METRIC_KINDS = ("global", "local")            # metric-ncm: one W, or one W_y per class (A.3)
+METRIC_DISTANCES = ("squared", "euclidean")   # metric-ncm: Eq. 3 as written, or the Learned-NCM form
+# tau-norm's p grid for `--p auto`: Decoupling's sweep, 0 to 2 in steps of 0.1, picked on the val split
+TAU_NORM_P_GRID = tuple(round(0.1 * i, 1) for i in range(21))

@@ -3,18 +3,22 @@
 ``fit_head`` validates everything *before* any fitting (so a bad request never produces a results row),
 runs the head from :mod:`pipeline.heads` on the chosen device, and returns a :class:`FitResult`.
 ``record_fit`` writes the fit artifact ``<cache dir>/fits/<fit_id>.npz`` and appends one row to
-``<cache dir>/results.csv`` (columns :data:`RESULT_COLUMNS`, in that order).  Earlier rows are never
-rewritten: the new file is the old bytes plus one line, written to a temporary file and moved into place
-with os.replace, under an exclusive lock so that parallel fits cannot lose each other's rows.
+``<cache dir>/results.csv`` (columns :data:`pipeline.config.RESULT_COLUMNS`, in that order).  Earlier rows
+are never rewritten: the new file is the old bytes plus one line, written to a temporary file and moved
+into place with os.replace, under an exclusive lock so that parallel fits cannot lose each other's rows.
+
+``fit_id`` is derived from what the fit *is* (cache fingerprint, head, variant, tau, seed, hparams), not
+from when it ran: re-running a fit appends a row with the same id (and rewrites the same artifact), so a
+rerun is recognisable as one and the report's tables stay byte-stable.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +27,10 @@ import numpy as np
 import torch
 
 from .cache import FeatureCache, read_cache
-from .config import VARIANTS
+from .config import EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
 from .heads import HEADS, HeadData, check_hparams
 from .metrics import evaluate
 from .utils import UserError, atomic_path, git_commit, now_iso, resolve_device
-
-RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
-                  "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",
-                  "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
-                  "artifact")
-EVAL_SPLITS = ("test", "val")
 
 
 @dataclass
@@ -58,21 +56,29 @@ def _finite(name, a):
         raise UserError(f"{name} contain {bad} NaN/inf value(s); re-extract the cache")
 
 
-def _load(cache: FeatureCache, variant: str, eval_split: str):
-    """Read and validate train + eval arrays (UserError on anything a fit cannot use)."""
+def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = False):
+    """Read and validate train + eval (+ val) arrays (UserError on anything a fit cannot use)."""
     if variant not in VARIANTS:
         raise UserError(f"--variant must be one of {VARIANTS}, got {variant!r}")
     tx, ty = cache.split("train", variant)
     ex, ey = cache.split(eval_split, variant)
+    vx = vy = None
+    if need_val:
+        if "val" not in cache.splits(variant):
+            raise UserError(f"cache {cache.path} has no 'val' split, and this head selects a hyperparameter on "
+                            "the val split (never on test); give the value instead (e.g. --p 1)")
+        vx, vy = cache.split("val", variant)
     C = cache.num_classes
     where = f"{cache.path} [{variant}]"
-    for name, x, y in (("train", tx, ty), (eval_split, ex, ey)):
+    checked = [("train", tx, ty), (eval_split, ex, ey)] + ([("val", vx, vy)] if need_val else [])
+    for name, x, y in checked:
         if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
             raise UserError(f"{where} {name} split is malformed (features {x.shape}, labels {y.shape})")
         if y.min() < 0 or y.max() >= C:
             raise UserError(f"{where} {name} labels fall outside 0..{C - 1}")
         _finite(f"{where} {name} features", x)
-    if ex.shape[1] != tx.shape[1] or cache.classifier_weight.shape != (C, tx.shape[1]):
+    if ex.shape[1] != tx.shape[1] or cache.classifier_weight.shape != (C, tx.shape[1]) \
+            or (need_val and vx.shape[1] != tx.shape[1]):
         raise UserError(f"{where}: feature/classifier dimensions disagree (train {tx.shape[1]}, "
                         f"{eval_split} {ex.shape[1]}, classifier {cache.classifier_weight.shape})")
     counts = np.bincount(ty, minlength=C)
@@ -82,7 +88,7 @@ def _load(cache: FeatureCache, variant: str, eval_split: str):
         raise UserError(f"{where}: classes/train_counts disagree with the train labels; re-extract the cache")
     _finite(f"{where} stage-1 classifier", cache.classifier_weight)
     _finite(f"{where} stage-1 classifier bias", cache.classifier_bias)
-    return tx, ty, ex, ey, counts
+    return tx, ty, ex, ey, counts, vx, vy
 
 
 def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None, seed: int = 0,
@@ -111,16 +117,21 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     check_hparams(given)
     hp = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.defaults}}
     ignored = sorted(k for k in given if k not in spec.defaults)
+    need_val = bool(spec.needs_val(hp))
+    if need_val and eval_split == "val":
+        raise UserError(f"head {head!r} with these options selects a hyperparameter on the val split; "
+                        "evaluating on that same split would report a tuned number: use --eval-split test")
     dev = resolve_device(device)
     if not isinstance(cache, FeatureCache):
         cache = read_cache(cache)
-    tx, ty, ex, ey, counts = _load(cache, variant, eval_split)
+    tx, ty, ex, ey, counts, vx, vy = _load(cache, variant, eval_split, need_val)
 
     # -- fit + evaluate --------------------------------------------------------------------------------
     t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
     data = HeadData(train_x=t(tx), train_y=t(ty, torch.int64), eval_x=t(ex), train_counts=t(counts),
                     classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
-                    seed=int(seed))
+                    seed=int(seed), val_x=None if vx is None else t(vx),
+                    val_y=None if vy is None else t(vy, torch.int64))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
@@ -131,15 +142,21 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     acc = {k: res[k] for k in ("all", "many", "medium", "few")}
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
-                     hparams={**hp, "eval_split": eval_split}, ignored=ignored, train_counts=counts)
+                     hparams={**hp, **out.chosen, "eval_split": eval_split}, ignored=ignored,
+                     train_counts=counts)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Recording
 
 
-def new_fit_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+def fit_id(cache_fingerprint: str, result: FitResult) -> str:
+    """``<head>-<12 hex>``: a hash of what the fit is (cache, head, variant, tau, seed, hparams), so the same
+    fit run twice gets the same id."""
+    what = dict(cache=cache_fingerprint, head=result.head, variant=result.variant, tau=float(result.tau),
+                seed=int(result.seed), hparams=result.hparams)
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{result.head}-{digest}"
 
 
 def _cell(v) -> str:
@@ -203,12 +220,13 @@ def record_fit(cache, result: FitResult, results_path=None) -> dict:
         cache = read_cache(cache)
     cache_dir = Path(cache.path).resolve().parent
     results_path = Path(results_path) if results_path else cache_dir / "results.csv"
-    fit_id = new_fit_id()
-    artifact = Path("fits") / f"{fit_id}.npz"
+    fid = fit_id(cache.fingerprint, result)
+    artifact = Path("fits") / f"{fid}.npz"
     arrays = {"per_class_acc": np.asarray(result.per_class, dtype=np.float64),
               "train_counts": np.asarray(result.train_counts if result.train_counts is not None
                                          else cache.train_counts, dtype=np.int64)}
     arrays.update({k: np.asarray(v) for k, v in result.params.items()})
+    existed = (cache_dir / artifact).exists()  # a rerun of this fit: earlier rows cite that file
     try:
         (cache_dir / "fits").mkdir(exist_ok=True)
         with atomic_path(cache_dir / artifact, suffix=".npz") as tmp:
@@ -217,7 +235,7 @@ def record_fit(cache, result: FitResult, results_path=None) -> dict:
     except OSError as e:
         raise UserError(f"cannot write the fit artifact under {cache_dir / 'fits'}: {e.strerror or e}") from None
     prov = cache.provenance
-    row = dict(fit_id=fit_id, timestamp=now_iso(), head=result.head, variant=result.variant, tau=result.tau,
+    row = dict(fit_id=fid, timestamp=now_iso(), head=result.head, variant=result.variant, tau=result.tau,
                seed=result.seed, hparams=json.dumps(result.hparams, sort_keys=True, separators=(",", ":")),
                cache_path=str(Path(cache.path).resolve()), cache_fingerprint=cache.fingerprint,
                dataset=prov.get("dataset"), imbalance=prov.get("imbalance"), backbone=prov.get("backbone"),
@@ -228,6 +246,7 @@ def record_fit(cache, result: FitResult, results_path=None) -> dict:
     try:
         append_row(results_path, row)
     except BaseException:
-        (cache_dir / artifact).unlink(missing_ok=True)  # no row -> no orphan artifact
+        if not existed:
+            (cache_dir / artifact).unlink(missing_ok=True)  # no row -> no orphan artifact
         raise
     return row

@@ -25,24 +25,30 @@ multi-ncm         K shared learned displacements delta_i plus one fixed null dis
                   train feature to its class mean: small enough that the start is (almost) learned-ncm,
                   non-zero so that the K copies receive different gradients (symmetry breaking).
 local-projection  Eq. 4: d^_xy = (x-mu_y)^T Q_y diag(sigmoid(w_y)) Q_y^T (x-mu_y) with Q_y the eigenvectors
-                  of the MLE class covariance (Eq. 1) and mu_y the empirical means (both fixed); only w_y
+                  (columns) of the MLE class covariance (Eq. 1; the paper writes Q_y^T with eigenvectors as
+                  rows) and mu_y the empirical means (both fixed); only w_y
                   is learned (CE on -1/2 d^).  w starts at 0 (sigmoid = 1/2, i.e. plain squared-Euclidean
                   NCM up to scale, where the sigmoid is steepest).  Saved ``local_weights`` = sigmoid(w_y)
                   with columns in ascending eigenvalue order (higher index = higher eigenvalue, as in
                   Fig. 3).  Cost O(B C d^2) per step: an analysis head for CIFAR-sized C and d.
-metric-ncm        A.3 / Table 5: d = ||W (x - mu_y)|| (non-squared, as learned-ncm) with a Mahalanobis
-                  factor W learned jointly with the centroids; ``metric="global"`` one W (init identity),
-                  ``"local"`` one W_y per class (init identity; O(B C d^2) per step, O(C d^2) memory).
+metric-ncm        A.3 / Table 5: the Mahalanobis distance of Eq. 3 learned jointly with the centroids,
+                  ``distance="squared"`` (default, A.3 as written): d = (x-mu_y)^T W^T W (x-mu_y);
+                  ``"euclidean"``: d = ||W (x - mu_y)||, the non-squared form Learned NCM trains with (Sec.
+                  4.2: "stable gradient"), kept because with W = I it starts exactly at learned-ncm.
+                  ``metric="global"`` one W (init identity), ``"local"`` one W_y per class (init identity;
+                  O(B C d^2) per step, O(C d^2) memory).
 crt               Decoupling's classifier re-training: a freshly initialised linear layer (nn.Linear's
                   default init) trained with class-balanced sampling, SGD momentum 0.9, weight decay 5e-4,
                   lr 0.2 with a per-epoch cosine schedule, 10 epochs, batch 512 (Decoupling's cRT config).
                   Unlike Decoupling it trains on the cached, un-augmented features (no backbone re-forward).
                   ``tau`` > 0 adds tau log N_y to the training logits (loss-based logit adjustment).
 lws               Decoupling's learnable weight scaling: logits f_y (W_y x + b_y) on the frozen stage-1
-                  classifier, only the scales f (init 1) are learned, same recipe as crt; ``tau`` as crt.
-tau-norm          Decoupling's tau-normalisation: W_y / ||W_y||^p, bias dropped, ``p`` default 1.  p = 0 is
-                  defined as the unnormalised classifier WITH its bias, i.e. exactly the softmax head (so
-                  "p = 0 equals softmax" is a real check).  Note the jump: any p > 0 drops the bias.
+                  classifier, only the scales f (init 1) are learned, same recipe as crt but 5 epochs
+                  (Decoupling's cls_lws.yaml; 10 is cRT's); ``tau`` as crt.
+tau-norm          Decoupling's tau-normalisation (classifier-balancing, tau_norm.py): logits
+                  x . (W / ||W||^p)^T with the bias dropped for every p (also p = 0).  ``p`` default 1;
+                  ``p="auto"`` sweeps config.TAU_NORM_P_GRID (0..2 step 0.1, Decoupling's sweep) and keeps
+                  the p with the best mean per-class accuracy on the *val* split (never the test split).
 posthoc-la        Menon et al.'s post-hoc logit adjustment of the stage-1 classifier:
                   argmax(W x + b - tau log pi_y), pi the train class prior; ``tau`` defaults to 1 here.
 
@@ -81,7 +87,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import HEAD_DEFAULTS
+from .analysis import cdnv as _cdnv
+from .config import HEAD_DEFAULTS, METRIC_DISTANCES, METRIC_KINDS, TAU_NORM_P_GRID
 from .utils import UserError
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,24 +103,32 @@ class Head:
     uses_tau: bool = False    # whether ``tau`` changes what the head does
     default_tau: float = 0.0
     summary: str = ""
+    needs_val: Callable = lambda hp: False  # whether the fit (not the evaluation) reads the val split
 
 
 HEADS: dict[str, Head] = {}
 
 
-def register_head(name, *, defaults=None, uses_tau=False, default_tau=0.0):
-    """Register ``fn(data: HeadData, hp: dict, tau: float) -> HeadOutput`` under ``name``."""
+def register_head(name, *, defaults=None, uses_tau=False, default_tau=0.0, needs_val=None):
+    """Register ``fn(data: HeadData, hp: dict, tau: float) -> HeadOutput`` under ``name``.
+
+    ``needs_val(hp)`` says whether the head selects something on the val split (then ``data.val_x/val_y``
+    are filled; a cache without one is refused before fitting).
+    """
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
-        HEADS[name] = Head(name, fn, dict(defaults or {}), uses_tau, float(default_tau), doc[0] if doc else "")
+        HEADS[name] = Head(name, fn, dict(defaults or {}), uses_tau, float(default_tau), doc[0] if doc else "",
+                           needs_val or (lambda hp: False))
         return fn
     return deco
 
 
 # Hyperparameter sets.  The paper's recipe for every NCM-family head (Sec. 5.2) ...
 SGD_DEFAULTS = {k: HEAD_DEFAULTS[k] for k in ("epochs", "batch_size", "lr", "momentum", "clip")}
-# ... and Decoupling's cRT / LWS recipe (configs/ImageNet_LT/*_crt.yaml: lr 0.2, cosine, 10 epochs, 512).
+# ... and Decoupling's cRT recipe (configs/ImageNet_LT/*_crt.yaml: lr 0.2, cosine, 10 epochs, batch 512);
+# LWS uses the same recipe for 5 epochs (cls_lws.yaml).
 DECOUPLING_DEFAULTS = dict(epochs=10, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4)
+LWS_DEFAULTS = dict(DECOUPLING_DEFAULTS, epochs=5)
 MULTI_INIT_SCALE = 0.01  # ||delta_i|| ~ 1% of the typical feature-to-centroid distance
 
 # every hyperparameter any head accepts, with its validator (value -> error message or None)
@@ -125,8 +140,10 @@ HPARAM_CHECKS = {
     "clip": lambda v: None if math.isfinite(v) and v > 0 else "must be > 0",
     "weight_decay": lambda v: None if math.isfinite(v) and v >= 0 else "must be >= 0",
     "num_centroids": lambda v: None if isinstance(v, int) and v >= 1 else "must be an integer >= 1",
-    "metric": lambda v: None if v in ("global", "local") else "must be 'global' or 'local'",
-    "p": lambda v: None if math.isfinite(v) and v >= 0 else "must be >= 0",
+    "metric": lambda v: None if v in METRIC_KINDS else f"must be one of {METRIC_KINDS}",
+    "distance": lambda v: None if v in METRIC_DISTANCES else f"must be one of {METRIC_DISTANCES}",
+    "p": lambda v: None if v == "auto" or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)
+    else "must be a number >= 0 or 'auto'",
     "cl2n": lambda v: None if isinstance(v, bool) else "must be true or false",
 }
 
@@ -154,6 +171,8 @@ class HeadData:
     classifier_weight: torch.Tensor  # [C, d] stage-1 classifier
     classifier_bias: torch.Tensor    # [C]
     seed: int = 0
+    val_x: torch.Tensor | None = None  # [V, d], only for heads that select on the val split
+    val_y: torch.Tensor | None = None
     _stats: tuple | None = field(default=None, repr=False)
 
     @property
@@ -189,6 +208,7 @@ class HeadData:
 class HeadOutput:
     pred: torch.Tensor | np.ndarray   # [M] predicted class per eval sample
     params: dict                      # name -> numpy array, saved in the fit artifact
+    chosen: dict = field(default_factory=dict)  # hyperparameters the head chose itself (e.g. p auto)
 
 
 def generators(seed: int, device, stream: int = 0):
@@ -302,6 +322,25 @@ def _with_null(delta: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(delta[:1]), delta])
 
 
+def multi_ncm_loss(x, y, mu, delta, offsets=None, x2=None):
+    """Mean CE of the Multi-NCM training logits -1/2 min_i ||x - (mu_y + delta_i)|| (+ offsets), Eq. 10,
+    the minimum over the K learned displacements *and* the fixed null one; only ``delta`` gets a gradient.
+    """
+    if x2 is None:
+        x2 = (x * x).sum(1)
+    D = _with_null(delta)
+    xD, muD, DD = x @ D.t(), mu @ D.t(), (D * D).sum(1)   # the only terms depending on delta
+    with torch.no_grad():  # which displacement is nearest for every (sample, class)
+        A = sq_dists(x, mu, x2)
+        _, arg = multi_min_sq(A, xD, muD, DD)
+    # re-evaluate the chosen distances with gradient: same value as the min, and the gradient autograd
+    # would give through min (it flows to the chosen displacement only); gathers, not indexing,
+    # because their backward (scatter_add) is much cheaper than index_put
+    d2 = A + (2.0 * muD + DD).t().gather(0, arg) - 2.0 * xD.gather(1, arg)
+    logits = -0.5 * euclid(d2)
+    return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+
+
 @torch.no_grad()
 def multi_ncm_predict(x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """argmin_y min_i ||x - (mu_y + delta_i)|| with the null displacement included (Eq. 10).
@@ -320,22 +359,16 @@ def multi_ncm_predict(x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) ->
     return torch.cat(out)
 
 
-def cdnv(mu: np.ndarray, class_means: np.ndarray, within: np.ndarray) -> tuple[float, float]:
-    """Average pairwise class-distance normalised variance of centroids ``mu`` (Galanti et al. 2021).
+def cdnv_readings(mu: np.ndarray, class_means: np.ndarray, within: np.ndarray) -> tuple[float, float]:
+    """The average pairwise CDNV (:func:`pipeline.analysis.cdnv`) of centroids ``mu``, read two ways:
 
-    CDNV(i, j) = (Var_i + Var_j) / (2 ||mu_i - mu_j||^2), averaged over pairs i < j.  Returns two readings:
     Var_y = mean squared distance of class-y train features to the centroid mu_y being evaluated
     (= within_y + ||xbar_y - mu_y||^2), and Var_y fixed at the empirical within-class variance (the paper's
     "we assume the intra-class variance does not change", Sec. 6).  float64 throughout.
     """
     mu = np.asarray(mu, np.float64)
     var_mu = within + ((np.asarray(class_means, np.float64) - mu) ** 2).sum(1)
-    sq = (mu * mu).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * mu @ mu.T, 1e-30)
-    iu = np.triu_indices(len(mu), k=1)
-    den = 2.0 * d2[iu]
-    return (float(np.mean((var_mu[:, None] + var_mu[None, :])[iu] / den)),
-            float(np.mean((within[:, None] + within[None, :])[iu] / den)))
+    return _cdnv(mu, var_mu), _cdnv(mu, within)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,17 +449,33 @@ def softmax_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     return HeadOutput(_stage1_logits(data, data.eval_x).argmax(1), {})
 
 
-@register_head("tau-norm", defaults=dict(p=1.0))
+def tau_norm_weight(W: torch.Tensor, p: float) -> torch.Tensor:
+    """Decoupling's pnorm: every class weight row divided by its L2 norm to the power p (p = 0: W)."""
+    return W / W.norm(dim=1, keepdim=True).pow(p)
+
+
+def _balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
+    """Mean per-class accuracy over the classes present in ``y`` (the report's "All")."""
+    hit = torch.bincount(y, weights=(pred == y).double(), minlength=num_classes)
+    n = torch.bincount(y, minlength=num_classes).double()
+    return float((hit[n > 0] / n[n > 0]).mean())
+
+
+@register_head("tau-norm", defaults=dict(p=1.0), needs_val=lambda hp: hp["p"] == "auto")
 def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
-    """Decoupling's tau-normalised classifier W_y/||W_y||^p, bias dropped (p = 0: softmax, with bias)."""
+    """Decoupling's tau-normalised classifier x . (W/||W||^p)^T, no bias; p = "auto": best p on val."""
+    W = data.classifier_weight
+    chosen, extra = {}, {}
     p = hp["p"]
-    W, b = data.classifier_weight, data.classifier_bias
-    if p == 0:  # defined as the unnormalised classifier with its bias = the softmax head exactly
-        Wn, bn = W, b
-    else:
-        Wn, bn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(p), torch.zeros_like(b)
-    pred = torch.addmm(bn, data.eval_x, Wn.t()).argmax(1)
-    return HeadOutput(pred, dict(weight=_np(Wn), bias=_np(bn)))
+    if p == "auto":  # Decoupling's sweep, scored on the val split only (never on the test split)
+        accs = [_balanced_accuracy((data.val_x @ tau_norm_weight(W, q).t()).argmax(1), data.val_y,
+                                   data.num_classes) for q in TAU_NORM_P_GRID]
+        p = TAU_NORM_P_GRID[int(np.argmax(accs))]  # ties: the smallest p
+        chosen = dict(p=p, p_select="val")
+        extra = dict(p_grid=np.asarray(TAU_NORM_P_GRID), p_val_acc=np.asarray(accs))
+    Wn = tau_norm_weight(W, p)
+    pred = (data.eval_x @ Wn.t()).argmax(1)
+    return HeadOutput(pred, dict(weight=_np(Wn), **extra), chosen)
 
 
 @register_head("posthoc-la", uses_tau=True, default_tau=1.0)
@@ -466,7 +515,7 @@ def crt_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     return HeadOutput(pred, dict(weight=_np(W), bias=_np(b), loss_per_epoch=losses))
 
 
-@register_head("lws", defaults=DECOUPLING_DEFAULTS, uses_tau=True)
+@register_head("lws", defaults=LWS_DEFAULTS, uses_tau=True)
 def lws_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Decoupling's LWS: learned per-class scales f_y on the frozen stage-1 classifier."""
     scales = torch.ones(data.num_classes, device=data.device, requires_grad=True)
@@ -507,13 +556,13 @@ def fit_learned_ncm(data: HeadData, hp: dict, tau: float):
     mu = emp.clone().requires_grad_(True)
     X2 = (data.train_x ** 2).sum(1)  # ||x||^2 once, gathered with the batches
     offsets = _offsets(data, tau)
-    cd = [cdnv(emp_np, emp_np, within)]
+    cd = [cdnv_readings(emp_np, emp_np, within)]
 
     def batch_loss(x, y, x2):
         return ncm_loss_fast(x, y, mu, offsets, x2)
 
     def on_epoch(_):
-        cd.append(cdnv(_np(mu), emp_np, within))
+        cd.append(cdnv_readings(_np(mu), emp_np, within))
 
     losses = train_sgd([mu], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
                        clip=hp["clip"], on_epoch=on_epoch)
@@ -544,17 +593,7 @@ def multi_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     offsets = _offsets(data, tau)
 
     def batch_loss(x, y, x2):
-        D = _with_null(delta)
-        xD, muD, DD = x @ D.t(), mu @ D.t(), (D * D).sum(1)   # the only terms depending on delta
-        with torch.no_grad():  # which displacement is nearest for every (sample, class)
-            A = sq_dists(x, mu, x2)
-            _, arg = multi_min_sq(A, xD, muD, DD)
-        # re-evaluate the chosen distances with gradient: same value as the min, and the gradient autograd
-        # would give through min (it flows to the chosen displacement only); gathers, not indexing,
-        # because their backward (scatter_add) is much cheaper than index_put
-        d2 = A + (2.0 * muD + DD).t().gather(0, arg) - 2.0 * xD.gather(1, arg)
-        logits = -0.5 * euclid(d2)
-        return F.cross_entropy(logits if offsets is None else logits + offsets, y)
+        return multi_ncm_loss(x, y, mu, delta, offsets, x2)
 
     losses = train_sgd([delta], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
                        clip=hp["clip"])
@@ -580,6 +619,23 @@ def class_eigh(data: HeadData):
     return evals.float(), Q.float()
 
 
+def local_coords(x: torch.Tensor, mu: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """z[b, y, k] = q_yk . (x_b - mu_y), q_yk = Q[y, :, k] the k-th eigenvector (column) of class y: [B, C, d].
+
+    One GEMM against all classes' eigenbases side by side (column y*d + k of Qcat is q_yk), minus mu_y
+    projected on its own basis.  Eq. 4's distance is then (z^2 * sigmoid(w)).sum(-1).
+    """
+    C, d = mu.shape
+    Qcat = Q.permute(1, 0, 2).reshape(d, C * d)
+    m = torch.einsum("cd,cdk->ck", mu, Q)
+    return (x @ Qcat).view(-1, C, d) - m
+
+
+def local_projection_dist(x, mu, Q, s):
+    """Eq. 4: d^_xy = (x-mu_y)^T Q_y diag(s_y) Q_y^T (x-mu_y), s = sigmoid(w), for all pairs [B, C]."""
+    return (local_coords(x, mu, Q).square() * s).sum(-1)
+
+
 @register_head("local-projection", defaults=SGD_DEFAULTS, uses_tau=True)
 def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Local projection (Eq. 4): learned sigmoid weights per class eigendimension, squared distance."""
@@ -587,17 +643,12 @@ def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     mu, _ = data.class_stats()
     evals, Q = class_eigh(data)
     C, d = data.num_classes, data.dim
-    Qcat = Q.permute(1, 0, 2).reshape(d, C * d)          # column y*d+k = eigenvector k of class y
-    m = torch.einsum("cd,cdk->ck", mu, Q)                 # mu_y projected on its own eigenbasis
     w = torch.zeros(C, d, device=data.device, requires_grad=True)
     offsets = _offsets(data, tau)
 
-    def proj_sq(x):  # (Q_y^T (x - mu_y))^2 for every class: [B, C, d]; independent of w
-        return ((x @ Qcat).view(-1, C, d) - m).square()
-
     def batch_loss(x, y):
-        with torch.no_grad():
-            z2 = proj_sq(x)
+        with torch.no_grad():  # the coordinates do not depend on w
+            z2 = local_coords(x, mu, Q).square()
         logits = -0.5 * (z2 * torch.sigmoid(w)).sum(-1)
         return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
@@ -605,14 +656,30 @@ def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     with torch.no_grad():
         s = torch.sigmoid(w)
         chunk = max(1, 2 ** 24 // (C * d))
-        pred = torch.cat([(proj_sq(c) * s).sum(-1).argmin(1) for c in data.eval_x.split(chunk)])
+        pred = torch.cat([local_projection_dist(c, mu, Q, s).argmin(1) for c in data.eval_x.split(chunk)])
     return HeadOutput(pred, dict(local_weights=_np(s), eigenvalues=_np(evals), centroids=_np(mu),
                                  empirical_centroids=_np(mu), loss_per_epoch=losses))
 
 
-@register_head("metric-ncm", defaults=dict(SGD_DEFAULTS, metric="global"), uses_tau=True)
+def metric_sq(x: torch.Tensor, mu: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """(x-mu_y)^T W_y^T W_y (x-mu_y) = ||W_y (x - mu_y)||^2 for all pairs [B, C]; W [d, d] (global, one GEMM
+    in the projected space) or [C, d, d] (local, one W_y per class)."""
+    if W.dim() == 2:
+        return sq_dists(x @ W.t(), mu @ W.t())
+    C, d = mu.shape
+    u = (x @ W.reshape(C * d, d).t()).view(-1, C, d) - torch.einsum("cij,cj->ci", W, mu)
+    return u.square().sum(-1)
+
+
+def metric_logits(x, mu, W, distance: str = "squared"):
+    """-1/2 d^W_xy: Eq. 3's squared Mahalanobis distance, or its square root (``"euclidean"``)."""
+    d2 = metric_sq(x, mu, W)
+    return -0.5 * (d2 if distance == "squared" else euclid(d2))
+
+
+@register_head("metric-ncm", defaults=dict(SGD_DEFAULTS, metric="global", distance="squared"), uses_tau=True)
 def metric_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
-    """Learned Mahalanobis metric + centroids (A.3): d = ||W (x - mu_y)||, W global or per class."""
+    """Learned Mahalanobis metric + centroids (A.3, Eq. 3): W global or per class, squared or not."""
     _, gen = generators(data.seed, data.device)
     emp, _ = data.class_stats()
     C, d = data.num_classes, data.dim
@@ -622,19 +689,13 @@ def metric_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     W = (eye.expand(C, d, d).clone() if local else eye.clone()).requires_grad_(True)
     offsets = _offsets(data, tau)
 
-    def sq(x):  # ||W_(y) (x - mu_y)||^2 [B, C]
-        if not local:
-            return sq_dists(x @ W.t(), mu @ W.t())
-        u = (x @ W.reshape(C * d, d).t()).view(-1, C, d) - torch.einsum("cij,cj->ci", W, mu)
-        return u.square().sum(-1)
-
     def batch_loss(x, y):
-        logits = -0.5 * euclid(sq(x))
+        logits = metric_logits(x, mu, W, hp["distance"])
         return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
     losses = train_sgd([mu, W], batch_loss, data, hp, gen, clip=hp["clip"])
-    with torch.no_grad():
+    with torch.no_grad():  # argmin of the squared distance = argmin of its square root
         chunk = EVAL_CHUNK if not local else max(1, 2 ** 24 // (C * d))
-        pred = torch.cat([sq(c).argmin(1) for c in data.eval_x.split(chunk)])
+        pred = torch.cat([metric_sq(c, mu, W).argmin(1) for c in data.eval_x.split(chunk)])
     return HeadOutput(pred, dict(centroids=_np(mu), empirical_centroids=_np(emp), metric_weight=_np(W),
                                  loss_per_epoch=losses))

@@ -48,7 +48,3 @@ def evaluate(pred, labels, groups) -> dict:
 
 def fmt_acc(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
-
-
-def format_shot(acc: dict) -> str:
-    return "  ".join(f"{k.capitalize()} {fmt_acc(acc[k])}" for k in ("all", "many", "medium", "few"))

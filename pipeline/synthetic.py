@@ -7,6 +7,8 @@ head-biased model would learn: w_y = mu_hat_y, b_y = -|mu_hat_y|^2/2 + log N_y.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .cache import write_cache
@@ -36,6 +38,13 @@ def synthetic_features(num_classes=10, dim=16, imbalance=100.0, n_max=500, n_tes
     return tx, ty, vx, vy, counts, means, spreads
 
 
+def _hash(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16, imbalance=100.0,
                          n_max=500, n_test=50, tail_spread=2.0, separation=3.0, seed=0, bn_recal=True,
                          with_val=False, epochs=3):
@@ -46,10 +55,12 @@ def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16
     weight = mu
     bias = -0.5 * (mu ** 2).sum(1) + np.log(counts)
     variants = {"plain": {"train": (tx, ty), "test": (vx, vy)}}
-    if with_val:
+    if with_val:  # a separate draw from the same class distributions (never a subset of the test set)
         rng = np.random.default_rng(seed + 1)
-        idx = rng.permutation(len(vy))[: len(vy) // 2]
-        variants["plain"]["val"] = (vx[idx], vy[idx])
+        n_val = max(1, n_test // 2)
+        vax = np.concatenate([means[y] + spreads[y] * rng.normal(size=(n_val, dim)) for y in range(num_classes)])
+        vay = np.repeat(np.arange(num_classes), n_val)
+        variants["plain"]["val"] = (vax.astype(np.float32), vay.astype(np.int64))
     if bn_recal:
         # a mild, deterministic re-normalisation stands in for BN re-estimation
         s = tx.std(0, keepdims=True) + 1e-6
@@ -59,6 +70,9 @@ def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16
                       epochs=epochs, seed=seed, checkpoint_sha256="synthetic",
                       config=dict(num_classes=num_classes, dim=dim, n_max=n_max, n_test=n_test,
                                   tail_spread=tail_spread, separation=separation),
+                      # stands in for the hash of trained weights: it makes the cache fingerprint tell apart
+                      # synthetic caches that differ in anything but the run identity (dim, spread, ...)
+                      weights_sha256=_hash(tx, ty, vx, vy),
                       data_source="synthetic Gaussian features (pipeline.synthetic)")
     return write_cache(path, provenance=provenance, class_names=[f"class{c}" for c in range(num_classes)],
                        train_counts=counts, classifier_weight=weight, classifier_bias=bias,

@@ -1,17 +1,39 @@
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# Real CIFAR-10 JPEGs shipped beside the project (read-only); tests that need them skip when absent.
+# Real CIFAR-10 JPEGs shipped beside the project (read-only).  Tests that need them skip when they are absent
+# on a developer's machine, but FAIL when the CI environment variable is set: CI always has ../shared/data,
+# so a missing folder there is a broken setup, not a reason to pass silently.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_JPEG = SHARED / "cifar10-jpeg"
 SPLITS = SHARED / "splits"
 
-needs_cifar_jpeg = pytest.mark.skipif(not (CIFAR10_JPEG / "train").is_dir(),
-                                      reason=f"real CIFAR-10 JPEG data not found at {CIFAR10_JPEG}")
-needs_splits = pytest.mark.skipif(not SPLITS.is_dir(), reason=f"split files not found at {SPLITS}")
+
+def needs_data(path, what: str):
+    """Mark a test that reads ``path`` (a folder): skipped without it, failed without it when CI is set."""
+    return pytest.mark.needs_data(path=str(path), what=what)
+
+
+needs_cifar_jpeg = needs_data(CIFAR10_JPEG / "train", "real CIFAR-10 JPEG data")
+needs_splits = needs_data(SPLITS, "split files")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_data(path, what): the test reads data under ../shared/data")
+
+
+def pytest_runtest_setup(item):
+    for m in item.iter_markers("needs_data"):
+        path, what = m.kwargs["path"], m.kwargs["what"]
+        if Path(path).is_dir():
+            continue
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} not found at {path}, and CI is set: CI must provide ../shared/data", pytrace=False)
+        pytest.skip(f"{what} not found at {path}")
 
 
 def tiny_dataset(num_classes=4, per_class=(12, 8, 4, 2), n_test=4, size=8, seed=0):

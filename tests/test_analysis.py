@@ -74,7 +74,8 @@ def test_centroid_displacement_and_cdnv():
     x = np.array([[-1.0, 0], [1, 0], [9, 0], [11, 0]])
     y = np.array([0, 0, 1, 1])
     assert analysis.class_variances(x, y) == pytest.approx([1.0, 1.0])
-    assert analysis.cdnv(x, y) == pytest.approx((1 + 1) / (2 * 100))
+    mu, var = analysis.class_means(x, y), analysis.class_variances(x, y)
+    assert analysis.cdnv(mu, var) == pytest.approx((1 + 1) / (2 * 100))
     # moving the centroids apart (variances fixed) lowers CDNV by the squared distance ratio
     assert analysis.cdnv(variances=[1.0, 1.0], centroids=[[0.0, 0], [20, 0]]) == pytest.approx(2 / (2 * 400))
 

@@ -7,30 +7,35 @@ from click.testing import CliRunner
 from pipeline.cache import read_cache, repack_cache, write_cache
 from pipeline.cli import cli
 from pipeline.fit import fit_head
-from pipeline.heads import HEADS
 from pipeline.synthetic import make_synthetic_cache
 from pipeline.train import extract
 
 from .conftest import tiny_dataset
 
 
-def test_float16_features_keep_every_head_within_a_tenth_of_a_point(tmp_path):
-    """Every registered head fitted on float16-stored features scores within 0.1 point (All and each group)
-    of the same fit on float32 features (10,000 test points: one changed prediction is 0.01 point)."""
-    src = make_synthetic_cache(tmp_path / "f32.h5", num_classes=10, dim=64, n_max=1000, n_test=1000,
-                               separation=0.4, tail_spread=2.0, with_val=True)  # a hard task: ~40% All
-    dst = repack_cache(src, tmp_path / "f16.h5", "float16")
-    a, b = read_cache(src), read_cache(dst)
-    assert a.fingerprint == b.fingerprint and b.provenance["feature_dtype"] == "float16"
-    xa, xb = a.split("test")[0], b.split("test")[0]
-    assert xb.dtype == np.float32 and not np.array_equal(xa, xb)  # really rounded
-    np.testing.assert_allclose(xa, xb, rtol=1e-3, atol=1e-3)
-    for head in sorted(HEADS):
-        kw = dict(seed=0, device="cpu", epochs=3)
-        ra, rb = fit_head(a, head, **kw), fit_head(b, head, **kw)
-        for k in ("all", "many", "medium", "few"):
-            if np.isfinite(ra.acc[k]):
-                assert abs(ra.acc[k] - rb.acc[k]) < 0.1, (head, k, ra.acc[k], rb.acc[k])
+def test_repack_float32_is_lossless_and_float16_is_rounded(tmp_path):
+    """The shipped caches are repacked in float32: features bit-identical, fingerprint unchanged.  float16
+    storage only rounds (relative error <= 2^-11), but that is NOT harmless for every head: on a synthetic
+    ~75% task local-projection moved by 0.22 point (eigenvectors of near-degenerate covariances rotate), so
+    float16 is an option of pack-cache, not what we ship."""
+    src = make_synthetic_cache(tmp_path / "src.h5", num_classes=10, dim=64, n_max=200, n_test=50, with_val=True)
+    a = read_cache(src)
+    for dtype in ("float32", "float16"):
+        b = read_cache(repack_cache(src, tmp_path / f"{dtype}.h5", dtype))
+        assert b.fingerprint == a.fingerprint and b.provenance["feature_dtype"] == dtype
+        for v in a.variants:
+            for split in a.splits(v):
+                xa, ya = a.split(split, v)
+                xb, yb = b.split(split, v)
+                assert xb.dtype == np.float32 and np.array_equal(ya, yb)
+                if dtype == "float32":
+                    assert np.array_equal(xa, xb)
+                else:
+                    np.testing.assert_allclose(xb, xa, rtol=2 ** -11, atol=1e-7)
+                    assert not np.array_equal(xa, xb)
+    # the ncm head (closed form, well separated data) is unaffected by float16 storage
+    f16 = read_cache(tmp_path / "float16.h5")
+    assert fit_head(a, "ncm", device="cpu").acc == fit_head(f16, "ncm", device="cpu").acc
 
 
 def test_extract_stores_model_weights_and_pack_cache_cli(tmp_path):
@@ -47,8 +52,9 @@ def test_extract_stores_model_weights_and_pack_cache_cli(tmp_path):
                                  str(path.parent / "checkpoint.pt")])
     assert r.exit_code == 0, r.output
     p = read_cache(out)
-    assert p.fingerprint == c.fingerprint and p.provenance["feature_dtype"] == "float16"
-    np.testing.assert_allclose(p.split("train")[0], c.split("train")[0], rtol=1e-3, atol=1e-3)
+    assert p.fingerprint == c.fingerprint and p.provenance["feature_dtype"] == "float32"
+    assert np.array_equal(p.split("train")[0], c.split("train")[0])
+    assert all(np.array_equal(p.model_state()[k], state[k]) for k in state)
     # a checkpoint of other weights is refused, and nothing is written
     other = tmp_path / "other.pt"
     bad = torch.load(path.parent / "checkpoint.pt", weights_only=False)

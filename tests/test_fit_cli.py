@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,7 +15,8 @@ from click.testing import CliRunner
 
 from pipeline.cache import read_cache, write_cache
 from pipeline.cli import cli
-from pipeline.fit import RESULT_COLUMNS, fit_head, record_fit
+from pipeline.config import RESULT_COLUMNS
+from pipeline.fit import fit_head, record_fit
 from pipeline.heads import HEADS
 from pipeline.synthetic import make_synthetic_cache, synthetic_features
 from pipeline.utils import UserError
@@ -31,7 +36,7 @@ ARTIFACT_KEYS = {
     "local-projection": {"local_weights", "loss_per_epoch"},
     "metric-ncm": {"centroids", "empirical_centroids", "loss_per_epoch"},
     "crt": {"weight", "bias", "loss_per_epoch"},
-    "tau-norm": {"weight", "bias"},
+    "tau-norm": {"weight"},
     "lws": {"weight", "bias", "scales", "loss_per_epoch"},
     "posthoc-la": set(),
 }
@@ -109,6 +114,15 @@ def test_row_values_and_options(cache_dir, tmp_path):
     assert r.exit_code == 0 and json.loads(rows(out)[-1]["hparams"])["cl2n"] is True
     r = run("--cache", cache_dir, "--head", "tau-norm", "--p", "0.5", "--results", out)
     assert r.exit_code == 0 and json.loads(rows(out)[-1]["hparams"])["p"] == 0.5
+    r = run("--cache", cache_dir, "--head", "tau-norm", "--p", "auto", "--results", out)
+    hp = json.loads(rows(out)[-1]["hparams"])
+    assert r.exit_code == 0 and hp["p_select"] == "val" and 0 <= hp["p"] <= 2, r.output
+    assert f"p {hp['p']:g} (chosen on val)" in r.stdout
+    r = run("--cache", cache_dir, "--head", "metric-ncm", "--distance", "euclidean", "--epochs", "1",
+            "--results", out)
+    assert r.exit_code == 0 and json.loads(rows(out)[-1]["hparams"])["distance"] == "euclidean"
+    r = run("--cache", cache_dir, "--head", "lws", "--results", out)
+    assert r.exit_code == 0 and json.loads(rows(out)[-1]["hparams"])["epochs"] == 5  # Decoupling's LWS
     r = run("--cache", cache_dir, "--head", "learned-ncm", "--variant", "bn_recal", "--epochs", "1",
             "--results", out)
     assert r.exit_code == 0 and rows(out)[-1]["variant"] == "bn_recal"
@@ -154,6 +168,10 @@ BAD = {
     "missing variant": (lambda d: d, ["--head", "ncm", "--variant", "bn_recal"], "no 'bn_recal'"),
     "bad epochs": (lambda d: d, ["--head", "learned-ncm", "--epochs", "0"], "--epochs"),
     "cuda absent": (lambda d: d, ["--head", "ncm", "--device", "cuda"], "cuda"),
+    "bad device": (lambda d: d, ["--head", "ncm", "--device", "gpu0"], "--device"),
+    "p auto without val": (lambda d: d, ["--head", "tau-norm", "--p", "auto"], "no 'val' split"),
+    "bad p": (lambda d: d, ["--head", "tau-norm", "--p", "-1"], "--p"),
+    "bad distance": (lambda d: d, ["--head", "metric-ncm", "--distance", "cosine"], "--distance"),
 }
 
 
@@ -196,3 +214,35 @@ def test_api_validates_before_fitting(cache_dir):
     res = fit_head(c, "ncm", device="cpu")
     row = record_fit(c, res)
     assert tuple(row) == RESULT_COLUMNS == tuple(EXPECTED_COLUMNS)
+
+
+def test_fit_id_is_derived_from_the_content(cache_dir):
+    """The same fit twice: the same fit_id (and artifact); another seed or option: another id."""
+    ids = []
+    for args in (["--seed", "1"], ["--seed", "1"], ["--seed", "2"], ["--seed", "1", "--lr", "2"]):
+        r = run("--cache", cache_dir, "--head", "learned-ncm", "--epochs", "1", "--device", "cpu", *args)
+        assert r.exit_code == 0, r.output
+        ids.append(rows(cache_dir / "results.csv")[-1]["fit_id"])
+    assert ids[0] == ids[1] and len(set(ids)) == 3 and ids[0].startswith("learned-ncm-")
+    assert len(list((cache_dir / "fits").glob("*.npz"))) == 3
+
+
+def test_help_is_fast_and_imports_no_torch():
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys, time; t = time.perf_counter(); from pipeline.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', time.perf_counter() - t)")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                       env={"PYTHONPATH": str(repo), "PATH": ""})
+    wall = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    assert "fit-head" in r.stdout and "NOTORCH" in r.stdout, r.stdout[-300:]
+    assert wall < 3.0  # under 1 s on an idle machine; the margin is for a loaded CI runner
+
+
+def test_device_is_validated_the_same_way_by_every_command(tmp_path):
+    for cmd in (["extract", "--dataset", "cifar10-lt", "--data-root", str(tmp_path)],
+                ["fit-head", "--cache", str(tmp_path), "--head", "ncm"]):
+        r = CliRunner().invoke(cli, [*cmd, "--device", "cuda:x"])
+        assert r.exit_code == 2 and "must be auto, cpu, cuda or cuda:N" in r.output, r.output

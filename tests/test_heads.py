@@ -10,9 +10,12 @@ import torch
 
 from pipeline.cache import read_cache
 from pipeline.fit import fit_head as _fit_head
-from pipeline.heads import (HEADS, BalancedSampler, HeadData, HeadOutput, cdnv, multi_ncm_predict, ncm_loss,
+from pipeline.config import TAU_NORM_P_GRID
+from pipeline.heads import (HEADS, BalancedSampler, HeadData, HeadOutput, cdnv_readings, class_eigh,
+                            local_projection_dist, metric_logits, multi_ncm_loss, multi_ncm_predict, ncm_loss,
                             ncm_loss_fast, ncm_predict, register_head)
 from pipeline.synthetic import make_synthetic_cache
+from pipeline.utils import UserError
 
 
 def fit_head(*args, **kw):
@@ -36,6 +39,21 @@ def _data(cache, seed=0):
     t = torch.as_tensor
     return HeadData(t(tx), t(ty), t(ex), t(cache.train_counts).float(), t(cache.classifier_weight),
                     t(cache.classifier_bias), seed=seed)
+
+
+def _tiny_anisotropic(seed=0, C=3, d=4, per_class=(40, 25, 12), n_eval=30):
+    """Classes with distinct, rotated, anisotropic covariances: the eigenbasis decides the distances."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c, n in enumerate(per_class):
+        R, _ = torch.linalg.qr(torch.randn(d, d, generator=g))          # a random rotation per class
+        scale = torch.linspace(0.3, 3.0, d) * (1 + c)
+        xs.append(torch.randn(n, d, generator=g) * scale @ R.t() + 4 * torch.randn(d, generator=g))
+        ys.append(torch.full((n,), c))
+    tx, ty = torch.cat(xs), torch.cat(ys)
+    ex = torch.randn(n_eval, d, generator=g) * 4
+    counts = torch.bincount(ty, minlength=C).float()
+    return HeadData(tx, ty, ex, counts, torch.randn(C, d, generator=g), torch.randn(C, generator=g), seed=seed)
 
 
 def _problem(seed=0, B=32, C=5, d=6, dtype=torch.float64):
@@ -137,6 +155,52 @@ def test_multi_ncm_with_zero_displacements_is_learned_ncm():
     assert not torch.equal(multi_ncm_predict(x, mu, big), ncm_predict(x, mu))
 
 
+def _multi_reference_logits(x, mu, delta):
+    """-1/2 min_i ||x - (mu_y + delta_i)|| over the K displacements and the null one, one pair at a time."""
+    D = torch.cat([torch.zeros(1, mu.shape[1], dtype=mu.dtype), delta])
+    out = torch.empty(len(x), len(mu), dtype=x.dtype)
+    for b in range(len(x)):
+        for y in range(len(mu)):
+            out[b, y] = -0.5 * min(float((x[b] - mu[y] - D[i]).norm()) for i in range(len(D)))
+    return out
+
+
+def test_multi_ncm_null_displacement_decides():
+    """Eq. 10 keeps a fixed null displacement: a test point sitting on its centroid is at distance 0 from its
+    class however far the learned displacements moved.  Without the null, class 1 (mu_1 + delta_0 is 0.1
+    away) would win for the point on mu_0."""
+    mu = torch.tensor([[0.0, 0.0], [1.5, 0.0]], dtype=torch.float64)
+    delta = torch.tensor([[-1.4, 0.0], [0.0, 2.0]], dtype=torch.float64)   # trained away from 0
+    assert multi_ncm_predict(mu.clone(), mu, delta).tolist() == [0, 1]
+    # the training loss sees the same minimum (null included): compare with the direct reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([mu, torch.randn(30, 2, generator=g, dtype=torch.float64) * 2])
+    y = torch.cat([torch.tensor([0, 1]), torch.randint(2, (30,), generator=g)])
+    ref = torch.nn.functional.cross_entropy(_multi_reference_logits(x, mu, delta), y)
+    # (a point exactly on a centroid is at distance sqrt(D2_FLOOR) = 1e-6 in ours, 0 in the reference)
+    torch.testing.assert_close(multi_ncm_loss(x, y, mu, delta), ref, rtol=1e-6, atol=1e-9)
+    # the gradient reaches only the chosen displacement, as autograd through the explicit min does
+    xs, ys = x[2:], y[2:]
+    d = delta.clone().requires_grad_(True)
+    multi_ncm_loss(xs, ys, mu, d).backward()
+    dr = delta.clone().requires_grad_(True)
+    D = torch.cat([torch.zeros(1, 2, dtype=x.dtype), dr])
+    logits = -0.5 * (xs[:, None, None, :] - mu[None, :, None, :] - D[None, None]).norm(dim=-1).min(-1).values
+    torch.nn.functional.cross_entropy(logits, ys).backward()
+    torch.testing.assert_close(d.grad, dr.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_trained_multi_ncm_predicts_each_centroid_as_its_class(cache):
+    r = HEADS["multi-ncm"].fn(_data(cache), dict(HEADS["multi-ncm"].defaults, epochs=3, num_centroids=4), 0.0)
+    mu, delta = torch.as_tensor(r.params["centroids"]), torch.as_tensor(r.params["displacements"])
+    assert delta.norm(dim=1).min() > 0.05  # the displacements really moved away from 0
+    C = len(mu)
+    assert torch.equal(multi_ncm_predict(mu, mu, delta), torch.arange(C))
+    x = _data(cache).eval_x[:40].double()
+    assert torch.equal(multi_ncm_predict(x, mu.double(), delta.double()),
+                       _multi_reference_logits(x, mu.double(), delta.double()).argmax(1))
+
+
 def test_multi_ncm_reuses_the_learned_ncm_centroids(cache):
     lncm = fit_head(cache, "learned-ncm", tau=0.125, seed=3, epochs=4)
     multi = fit_head(cache, "multi-ncm", tau=0.125, seed=3, epochs=4, num_centroids=5)
@@ -145,14 +209,49 @@ def test_multi_ncm_reuses_the_learned_ncm_centroids(cache):
     assert np.abs(multi.params["displacements"]).max() > 0
 
 
-def test_tau_norm_p0_is_softmax_and_p1_is_not(cache):
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 2.0])
+def test_tau_norm_is_decouplings_formula(cache, p):
+    """Decoupling (classifier-balancing, tau_norm.py): ws = W / ||W||^p row by row, logits = x . ws^T, no bias
+    for any p (p = 0 too)."""
     data = _data(cache)
-    soft = HEADS["softmax"].fn(data, {}, 0.0).pred
-    assert torch.equal(HEADS["tau-norm"].fn(data, {"p": 0.0}, 0.0).pred, soft)
-    # the synthetic stage-1 bias carries log N_y: dropping it and normalising must change predictions
-    assert not torch.equal(HEADS["tau-norm"].fn(data, {"p": 1.0}, 0.0).pred, soft)
-    a, b = fit_head(cache, "tau-norm", p=0.0), fit_head(cache, "softmax")
-    assert a.acc == b.acc
+    out = HEADS["tau-norm"].fn(data, {"p": p}, 0.0)
+    W = cache.classifier_weight.astype(np.float64)
+    ws = np.stack([W[i] / np.linalg.norm(W[i]) ** p for i in range(len(W))])  # their pnorm loop
+    logits = cache.split("test")[0].astype(np.float64) @ ws.T
+    np.testing.assert_allclose(out.params["weight"], ws, rtol=1e-5)
+    assert np.array_equal(out.pred.numpy(), logits.argmax(1))
+    assert "bias" not in out.params
+    if p == 0:  # the synthetic bias carries log N_y: dropping it must matter, so p = 0 is not softmax
+        assert not torch.equal(out.pred, HEADS["softmax"].fn(data, {}, 0.0).pred)
+
+
+def test_tau_norm_p_auto_is_chosen_on_val_only(tmp_path):
+    c = read_cache(make_synthetic_cache(tmp_path / "v.h5", with_val=True, **dict(HARD, n_test=60)))
+    r = fit_head(c, "tau-norm", p="auto")
+    vx, vy = c.split("val")
+    W = c.classifier_weight.astype(np.float64)
+    accs = []
+    for q in TAU_NORM_P_GRID:  # Decoupling's sweep 0..2 step 0.1, scored on val (mean per-class accuracy)
+        pred = (vx @ (W / np.linalg.norm(W, axis=1, keepdims=True) ** q).T).argmax(1)
+        accs.append(np.mean([(pred[vy == k] == k).mean() for k in range(c.num_classes)]))
+    best = TAU_NORM_P_GRID[int(np.argmax(accs))]
+    assert r.hparams["p"] == best and r.hparams["p_select"] == "val"
+    np.testing.assert_allclose(r.params["p_val_acc"], accs, rtol=1e-9)
+    assert r.acc == fit_head(c, "tau-norm", p=best).acc
+    assert len(set(np.round(accs, 6))) > 1  # the sweep is not flat: the choice is a real one
+    # never on the test set: a cache without val is refused, and so is evaluating on val
+    with pytest.raises(UserError, match="no 'val' split"):
+        fit_head(c if False else read_cache(make_synthetic_cache(tmp_path / "nv.h5", **HARD)), "tau-norm",
+                 p="auto")
+    with pytest.raises(UserError, match="--eval-split test"):
+        fit_head(c, "tau-norm", p="auto", eval_split="val")
+
+
+def test_lws_trains_5_epochs_crt_10():
+    """Decoupling's cls_lws.yaml trains 5 epochs; 10 is cRT's."""
+    assert HEADS["lws"].defaults["epochs"] == 5 and HEADS["crt"].defaults["epochs"] == 10
+    assert {k: v for k, v in HEADS["lws"].defaults.items() if k != "epochs"} == \
+        {k: v for k, v in HEADS["crt"].defaults.items() if k != "epochs"}
 
 
 def test_posthoc_la_default_tau_is_one_and_tau0_is_softmax(cache):
@@ -176,7 +275,7 @@ def test_cdnv_formula_and_history(cache):
                      for i, j in itertools.combinations(range(C), 2)])
     brute_fixed = np.mean([(within[i] + within[j]) / (2 * ((mu[i] - mu[j]) ** 2).sum())
                            for i, j in itertools.combinations(range(C), 2)])
-    assert cdnv(mu, emp, within) == pytest.approx((brute, brute_fixed), rel=1e-10)
+    assert cdnv_readings(mu, emp, within) == pytest.approx((brute, brute_fixed), rel=1e-10)
 
     r = fit_head(cache, "learned-ncm", epochs=6)
     h = r.params["cdnv_per_epoch"]
@@ -184,7 +283,7 @@ def test_cdnv_formula_and_history(cache):
     tx, ty = cache.split("train")
     emp = np.stack([tx[ty == c].mean(0) for c in range(cache.num_classes)]).astype(np.float64)
     within = np.array([((tx[ty == c] - emp[c]) ** 2).sum(1).mean() for c in range(cache.num_classes)])
-    assert h[0] == pytest.approx(cdnv(emp, emp, within)[0], rel=1e-4)  # epoch 0 = empirical centroids
+    assert h[0] == pytest.approx(cdnv_readings(emp, emp, within)[0], rel=1e-4)  # epoch 0 = empirical centroids
     assert h[-1] < 0.8 * h[0]  # Fig. 6b: learning the centroids lowers the CDNV
 
 
@@ -198,23 +297,77 @@ def test_balanced_sampler_is_class_uniform():
     assert set(idx[y[idx] == 4].tolist()) == {1357, 1358}
 
 
-def test_local_projection_outputs(cache):
-    r = fit_head(cache, "local-projection", epochs=3)
-    w, ev = r.params["local_weights"], r.params["eigenvalues"]
-    C, d = cache.classifier_weight.shape
-    assert w.shape == ev.shape == (C, d)
-    assert ((w > 0) & (w < 1)).all()
-    assert (np.diff(ev, axis=1) >= -1e-5).all()  # ascending: higher index = higher eigenvalue (Fig. 3)
-    assert np.abs(w - 0.5).max() > 0.01         # learned, not the initial sigmoid(0)
+def _local_reference(data, x, s):
+    """Eq. 4 with a per-class loop: Q_y from numpy's eigh of the class covariance (Eq. 1, divides by N_y)."""
+    tx, ty = data.train_x.double().numpy(), data.train_y.numpy()
+    out = np.empty((len(x), data.num_classes))
+    for y in range(data.num_classes):
+        xy = tx[ty == y]
+        mu = xy.mean(0)
+        _, V = np.linalg.eigh((xy - mu).T @ (xy - mu) / len(xy))   # columns: eigenvectors, ascending
+        M = V @ np.diag(s[y]) @ V.T
+        for b in range(len(x)):
+            v = x[b] - mu
+            out[b, y] = v @ M @ v
+    return out
 
 
-@pytest.mark.parametrize("metric,shape", [("global", lambda C, d: (d, d)), ("local", lambda C, d: (C, d, d))])
-def test_metric_ncm_shapes(cache, metric, shape):
-    r = fit_head(cache, "metric-ncm", metric=metric, epochs=2)
-    C, d = cache.classifier_weight.shape
-    assert r.params["metric_weight"].shape == shape(C, d)
-    assert r.hparams["metric"] == metric
-    assert not np.allclose(r.params["centroids"], r.params["empirical_centroids"])
+def test_local_projection_is_eq4():
+    data = _tiny_anisotropic()
+    C, d = 3, 4
+    s = torch.rand(C, d, generator=torch.Generator().manual_seed(5)).double()
+    mu, _ = data.class_stats()
+    _, Q = class_eigh(data)
+    x = data.eval_x
+    ours = local_projection_dist(x.double(), mu.double(), Q.double(), s)
+    np.testing.assert_allclose(ours.numpy(), _local_reference(data, x.double().numpy(), s.numpy()), rtol=1e-4)
+    # the fitted head predicts argmin of that distance with its own learned weights
+    out = HEADS["local-projection"].fn(data, dict(HEADS["local-projection"].defaults, epochs=3), 0.0)
+    w = out.params["local_weights"].astype(np.float64)
+    assert np.abs(w - 0.5).max() > 0.01 and ((w > 0) & (w < 1)).all()  # learned, sigmoid range
+    assert (np.diff(out.params["eigenvalues"], axis=1) >= -1e-5).all()   # ascending (Fig. 3's order)
+    ref = _local_reference(data, x.double().numpy(), w)
+    assert np.array_equal(out.pred.numpy(), ref.argmin(1))
+
+
+def _metric_reference(x, mu, W, distance):
+    """-1/2 (x-mu_y)^T W_y^T W_y (x-mu_y) (Eq. 3), or -1/2 its square root, one pair at a time."""
+    out = np.empty((len(x), len(mu)))
+    for b in range(len(x)):
+        for y in range(len(mu)):
+            Wy = W if W.ndim == 2 else W[y]
+            v = x[b] - mu[y]
+            d2 = v @ Wy.T @ Wy @ v
+            out[b, y] = -0.5 * (d2 if distance == "squared" else np.sqrt(d2))
+    return out
+
+
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+@pytest.mark.parametrize("metric", ["global", "local"])
+def test_metric_ncm_is_eq3(metric, distance):
+    g = torch.Generator().manual_seed(1)
+    C, d = 4, 3
+    x, mu = torch.randn(20, d, generator=g, dtype=torch.float64), torch.randn(C, d, generator=g, dtype=torch.float64)
+    W = torch.randn(*((d, d) if metric == "global" else (C, d, d)), generator=g, dtype=torch.float64)
+    ours = metric_logits(x, mu, W, distance)
+    np.testing.assert_allclose(ours.numpy(), _metric_reference(x.numpy(), mu.numpy(), W.numpy(), distance),
+                               rtol=1e-8, atol=1e-10)
+    # the fitted head: recorded distance, learned W and centroids, predictions = argmax of Eq. 3's logits
+    data = _tiny_anisotropic()
+    out = HEADS["metric-ncm"].fn(data, dict(HEADS["metric-ncm"].defaults, metric=metric, distance=distance,
+                                            epochs=3), 0.0)
+    Wf, muf = out.params["metric_weight"].astype(np.float64), out.params["centroids"].astype(np.float64)
+    assert Wf.shape == ((d + 1, d + 1) if metric == "global" else (3, d + 1, d + 1))
+    assert not np.allclose(Wf, np.eye(d + 1)) and not np.allclose(muf, out.params["empirical_centroids"])
+    ref = _metric_reference(data.eval_x.double().numpy(), muf, Wf, distance)
+    assert np.array_equal(out.pred.numpy(), ref.argmax(1))
+
+
+def test_metric_ncm_distance_is_recorded_and_changes_the_fit(cache):
+    a = fit_head(cache, "metric-ncm", epochs=2)
+    b = fit_head(cache, "metric-ncm", epochs=2, distance="euclidean")
+    assert a.hparams["distance"] == "squared" and b.hparams["distance"] == "euclidean"
+    assert not np.allclose(a.params["metric_weight"], b.params["metric_weight"])
 
 
 def test_registering_a_head_is_one_function(cache):

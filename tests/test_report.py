@@ -4,7 +4,6 @@ The fit rows follow stage 2's results.csv contract (columns, npz artifacts) with
 these tests do not depend on pipeline.fit; the end-to-end run_all.sh test further down does.
 """
 import csv
-import importlib.util
 import json
 import os
 import stat
@@ -167,7 +166,7 @@ def test_not_run_rows_carry_the_command(world):
     cell = _cell(t2, "NCM", "cifar10-lt", "10", "all")
     assert cell["status"] == "not run" and cell["ours"] == ""
     assert "pipeline extract --dataset cifar10-lt" in cell["command"]
-    assert "--imbalance 10" in cell["command"] and "--epochs 200" in cell["command"]
+    assert "--imbalance 10" in cell["command"] and "--recipe paper" in cell["command"]
     assert "pipeline fit-head --cache" in cell["command"] and "--head ncm" in cell["command"]
     t3 = _table(out, "table3")
     cell = _cell(t3, "Learned NCM + LA", "imagenet-lt", "", "few")
@@ -249,7 +248,7 @@ def test_figures_are_valid_pngs_with_data(world):
 
 def test_readme_summary(world):
     readme = (world["out"] / "README.md").read_text()
-    assert "REDUCED STAGE-1 BUDGET" in readme  # synthetic caches have 3 "epochs"
+    assert "NOT THE PAPER'S STAGE-1 RECIPE" in readme  # synthetic caches record no recipe
     assert "Headline" in readme and "Which paper cells we reproduce" in readme
     assert "**Reproduced**" in readme and "**Missed**" in readme
     c = read_cache(world["c10"])
@@ -410,19 +409,9 @@ def test_run_all_rejects_unknown_option():
     assert r.returncode == 2 and "unknown option" in r.stderr
 
 
-def _have_fit_head() -> bool:
-    # without importing pipeline.cli (it imports torch): the module and the command must both be there
-    return (importlib.util.find_spec("pipeline.fit") is not None
-            and '"fit-head"' in (REPO / "pipeline" / "cli.py").read_text())
-
-
-_HAVE_FIT = _have_fit_head()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _HAVE_FIT,
-                    reason="stage 2 (pipeline.fit and the `pipeline fit-head` command) is not in the tree yet")
 def test_run_all_quick_end_to_end(tmp_path):
+    """The real CLI end to end (never skipped): run_all.sh --quick twice gives byte-identical tables."""
     root = tmp_path / "cache"
     make_cache(root, "cifar10-lt", 200, bn=True, n_max=200, dim=8)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -439,3 +428,70 @@ def test_run_all_quick_end_to_end(tmp_path):
         assert (tmp_path / "rep" / f"{t.name}.csv").read_bytes() == first[t.name], t.name
 
 
+
+
+def test_list_fits_is_the_tables_and_figures_needs(world):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.report.paper import needed_specs
+    r = CliRunner().invoke(cli, ["report", "--cache-root", str(world["root"]), "--list-fits"])
+    assert r.exit_code == 0, r.output
+    lines = [line.split("\t") for line in r.output.strip().splitlines()]
+    by_cache = {}
+    for d, args in lines:
+        by_cache.setdefault(Path(d).name, []).append(args)
+    # every table row with a method of ours, and the figures' fits (tau sweep, local projection), per cache
+    assert set(by_cache["cifar10-lt-b100-synthetic-s0"]) >= {
+        "--head softmax", "--head learned-ncm --tau 0.125", "--head metric-ncm --metric local",
+        "--head learned-ncm --variant bn_recal", "--head posthoc-la --tau 1", "--head learned-ncm --tau 0.0625",
+        "--head local-projection", "--head tau-norm"}
+    assert len(by_cache["cifar10-lt-b100-synthetic-s0"]) == len(needed_specs())
+    assert not any("bn_recal" in a for a in by_cache["cifar10-lt-b200-synthetic-s0"])  # no BN features there
+    q = CliRunner().invoke(cli, ["report", "--cache-root", str(world["root"]), "--list-fits", "--quick"])
+    assert len(q.output.strip().splitlines()) == 3 * len(by_cache)
+
+
+def test_tau_norm_p_is_stated_and_val_choice_preferred(tmp_path):
+    root = tmp_path / "cache"
+    d = root / "cifar100-lt-b200-synthetic-s0"
+    d.mkdir(parents=True)
+    make_synthetic_cache(d / "features.h5", dataset="cifar100-lt", num_classes=12, dim=8, imbalance=200,
+                         n_max=300, n_test=20, with_val=True)
+    write_fit(d, "tau-norm", hparams={"p": 1.0}, acc={"all": 30.0}, fit_id="tn-fixed",
+              timestamp="2030-01-01T00:00:00+00:00")
+    write_fit(d, "tau-norm", hparams={"p": 0.7, "p_select": "val"}, acc={"all": 33.0}, fit_id="tn-auto")
+    assert ("\t--head tau-norm --p auto" in "\n".join(f"{a}\t{' '.join(b)}" for a, b in rp.needed_fits(str(root))))
+    res = rp.build_report(str(root), tmp_path / "rep", figures=False)
+    cell = _cell(res.tables["table3"].astype(str), "Decoupling (τ-norm)", "cifar100-lt", "200", "all")
+    assert cell["fit_ids"] == "tn-auto" and cell["ours"] == "33.00"
+    assert "p = 0.7 (chosen on the val split)" in cell["note"] and "--p auto" in cell["command"]
+
+
+def test_seeds_are_grouped_by_recipe_identity(tmp_path):
+    """Runs that differ only in seed or precision are repeats of one recipe (averaged); a different lr is not."""
+    from pipeline.cache import write_cache
+    from pipeline.synthetic import synthetic_features
+    root = tmp_path / "cache"
+    base = dict(dataset="cifar10-lt", imbalance=100.0, subset_seed=0, backbone="resnet32", recipe="paper",
+                epochs=520, batch_size=512, lr=0.1, data_hash="d0")
+    for run, seed, over in (("a", 0, dict(precision="bf16")), ("b", 1, dict(precision="fp32")),
+                            ("c", 2, dict(precision="bf16", lr=0.2))):
+        tx, ty, vx, vy, counts, means, _ = synthetic_features(num_classes=10, dim=4, n_max=200, seed=seed)
+        cfg = dict(base, seed=seed, **over)
+        (root / run).mkdir(parents=True)
+        write_cache(root / run / "features.h5", provenance=dict(cfg, config=cfg, weights_sha256=f"w{seed}"),
+                    class_names=[str(i) for i in range(10)], train_counts=counts, classifier_weight=means,
+                    classifier_bias=np.zeros(10), features={"plain": {"train": (tx, ty), "test": (vx, vy)}})
+    ctx = rp.load_context(str(root))
+    assert sorted(sorted(c.run for c in g.caches) for g in ctx.groups) == [["a", "b"], ["c"]]
+    assert len({c.fingerprint for c in ctx.infos}) == 3
+
+
+def test_figure_csvs_record_their_provenance(world):
+    text = (world["out"] / "figures" / "fig6b_cdnv.csv").read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("toolkit commit" in h for h in header)
+    assert any(h.startswith("# source:") and "fingerprint" in h and "seed" in h and "stage1_commit" in h
+               for h in header)
+    assert "fit_id" in header[0] and "hparams" in header[0]

@@ -1,0 +1,371 @@
+"""The paper's figures from the caches and fit artifacts.  Each figure is a PNG plus the CSV of the numbers
+behind it, written together by :func:`write_figure`, whose CSV header says what the figure shows and where
+every number came from (report commit, source cache fingerprint, stage-1 seed and commit, fit ids)."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import analysis
+from ..utils import UserError, atomic_path, git_commit
+from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
+from .runs import ReportContext, as_float, expected_run, fit_command, pick_row
+
+
+def _plt():
+    import matplotlib  # only when a figure is drawn
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"svg.hashsalt": "lncm", "figure.dpi": 100})
+    return plt
+
+
+def source_line(c) -> str:
+    """Where a figure's numbers come from: the cache, its identity and the stage-1 run that made it."""
+    return (f"source: {c.rel}/features.h5 fingerprint {c.fingerprint} dataset {c.dataset} imbalance "
+            f"{fmt_beta(c.imbalance) if c.imbalance else 'natural'} stage1_epochs {c.epochs} seed {c.seed} "
+            f"recipe {c.config.get('recipe') or 'not recorded'} stage1_commit {c.prov.get('git_commit', '')} "
+            f"data {c.data_label()}")
+
+
+def write_figure(figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, caches, extra=()) -> list:
+    """Write ``<stem>.png`` and ``<stem>.csv`` (the numbers behind it) atomically; the CSV header names what
+    the figure shows, the report's commit, every source cache and any ``extra`` lines.  Returns both paths
+    relative to the report folder."""
+    with atomic_path(figdir / f"{stem}.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    buf = io.StringIO()
+    for h in [what, f"made by: pipeline report (toolkit commit {git_commit()})", *map(source_line, caches), *extra]:
+        buf.write(f"# {h}\n")
+    df.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
+    with atomic_path(figdir / f"{stem}.csv", suffix=".csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    return [f"figures/{stem}.png", f"figures/{stem}.csv"]
+
+
+def title_ds(g) -> str:
+    s = dataset_label(g.dataset, g.imbalance)
+    if g.caches[0].data_label() == "CIFAR-10 (JPEG q75)":
+        s += " [CIFAR-10 (JPEG q75)]"
+    if g.caches[0].recipe_deviations():
+        s += f" [stage 1: {g.epochs} epochs, not the paper's recipe]"
+    return s
+
+
+@dataclass
+class FigureResult:
+    name: str
+    title: str
+    files: list = field(default_factory=list)
+    skipped: str = ""  # reason + command when not produced
+    caption: str = ""
+
+
+def _artifact(c, row):
+    rel = str(row.get("artifact", "") or "")
+    if not rel:
+        return None
+    p = c.dir / rel
+    if not p.exists():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The figures
+
+def fig_tsne(ctx: ReportContext, figdir, per_class=300) -> FigureResult:
+    fr = FigureResult("fig1", "Figure 1: t-SNE of one tail and two head classes")
+    for g in ctx.pref_groups([("cifar10-lt", 200.0), ("cifar10-lt", 100.0), ("cifar10-lt", 10.0)]):
+        c = g.caches[0]
+        if c.cache.num_classes < 3:
+            continue
+        x, y = c.cache.split("train", "plain")
+        tail, h1, h2 = analysis.tsne_classes(c.cache.train_counts)
+        emb, lab, idx = analysis.tsne_embed(x, y, (tail, h1, h2), max_per_class=per_class, random_state=0)
+        names = c.cache.class_names
+        counts = c.cache.train_counts
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for cl, col, kind in ((h1, "tab:blue", "head"), (h2, "tab:green", "head"), (tail, "tab:red", "tail")):
+            m = lab == cl
+            ax.scatter(emb[m, 0], emb[m, 1], s=10, c=col, alpha=0.7,
+                       label=f"{names[cl]} ({kind}, N={int(counts[cl])})")
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+        ax.set_title(f"t-SNE of train features, {title_ds(g)}")
+        ax.legend(fontsize=8)
+        sp = analysis.spread(emb, lab)
+        df = pd.DataFrame({"index": idx, "label": lab, "class": [names[i] for i in lab],
+                           "train_count": [int(counts[i]) for i in lab], "tsne_x": emb[:, 0], "tsne_y": emb[:, 1]})
+        fr.files = write_figure(
+            figdir, "fig1_tsne", fig, df,
+            f"fig1: t-SNE (sklearn, random_state=0, <={per_class} train samples per class) of one tail and two "
+            "head classes", [c],
+            ["mean distance to 2-D class centre: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in sp.items())])
+        fr.caption = (f"{title_ds(g)}, run `{c.run}`: tail class {names[tail]} (N={int(counts[tail])}) vs head "
+                      f"classes {names[h1]}, {names[h2]}; mean 2-D spread " +
+                      ", ".join(f"{names[k]} {v:.2f}" for k, v in sp.items()) + ".")
+        return fr
+    fr.skipped = "no cache; produce one with `" + ctx.extract_command("cifar10-lt", 200) + "`"
+    return fr
+
+
+VAR_FIGS = (("fig2", "cifar10-lt", "Figure 2"), ("fig7", "cifar100-lt", "Figure 7"), ("fig8", "cifar20-lt", "Figure 8"))
+
+
+def fig_variance(ctx: ReportContext, figdir, fig, dataset, label) -> FigureResult:
+    fr = FigureResult(fig, f"{label}: intra-class variance vs class size, {DATASET_LABEL[dataset]}")
+    betas = sorted({g.imbalance for g in ctx.groups if g.dataset == dataset and g.imbalance is not None},
+                   reverse=True)
+    chosen = [ctx.choose_group(dataset, b) for b in betas]
+    if not chosen:
+        fr.skipped = "no cache; produce with " + " ; ".join(
+            f"`{ctx.extract_command(dataset, b)}`" for b in (200, 100, 10))
+        return fr
+    plt = _plt()
+    fig_, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4.2), squeeze=False)
+    frames, captions = [], []
+    for ax, g in zip(axes[0], chosen):
+        c = g.caches[0]
+        x, y = c.cache.split("train", "plain")
+        res = analysis.variance_analysis(x, y, c.cache.train_counts)
+        counts = res["counts"]
+        for est, marker in zip(analysis.ESTIMATORS, ("o", "s", "^")):
+            ax.scatter(counts, res["sigma"][est], s=16, marker=marker, alpha=0.75,
+                       label=f"{analysis.ESTIMATOR_LABELS[est]} (Spearman ρ={res['rho'][est]:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("class size $N_y$ (train images, log scale)")
+        ax.set_ylabel("intra-class variance $\\sigma_y$ (largest eigenvalue)")
+        ax.set_title(f"{title_ds(g)}", fontsize=10)
+        ax.legend(fontsize=7)
+        df = pd.DataFrame({"imbalance": fmt_beta(g.imbalance), "run": c.run, "fingerprint": c.fingerprint,
+                           "class": np.arange(len(counts)), "class_name": c.cache.class_names,
+                           "train_count": counts})
+        for est in analysis.ESTIMATORS:
+            df[f"sigma_{est}"] = res["sigma"][est]
+        frames.append((df, c, res))
+        captions.append(f"β={fmt_beta(g.imbalance)}: ρ = " + ", ".join(
+            f"{analysis.ESTIMATOR_LABELS[e]} {res['rho'][e]:.2f}" for e in analysis.ESTIMATORS))
+    fig_.suptitle(f"Intra-class variance vs class size, {DATASET_LABEL[dataset]} (train features, stage 1)")
+    extra = [f"spearman rho(N_y, sigma_y) beta={fmt_beta(c.imbalance)}: " + ", ".join(
+        f"{e} {res['rho'][e]:.4f} (p={res['pvalue'][e]:.3g}, n={res['n'][e]})" for e in analysis.ESTIMATORS)
+        for _, c, res in frames]
+    fr.files = write_figure(figdir, f"{fig}_variance_{dataset}", fig_,
+                            pd.concat([f for f, _, _ in frames], ignore_index=True),
+                            f"{fig}: sigma_y = largest eigenvalue of the class covariance (Eq. 1) per estimator",
+                            [c for _, c, _ in frames], extra)
+    fr.caption = "; ".join(captions) + "."
+    missing = [b for b in (200.0, 100.0, 10.0) if b not in betas]
+    if missing:
+        fr.caption += " Not run: " + " ; ".join(f"`{ctx.extract_command(dataset, b)}`" for b in missing) + "."
+    return fr
+
+
+def fig_local_projection(ctx: ReportContext, figdir) -> FigureResult:
+    fr = FigureResult("fig3", "Figure 3: learned local projections (sigmoid weights per eigendimension)")
+    spec = H("local-projection")
+    for g in ctx.pref_groups([("cifar10-lt", 200.0), ("cifar10-lt", 100.0), ("cifar10-lt", 10.0)]):
+        for c in g.caches:
+            r = pick_row(c.rows, spec)
+            art = _artifact(c, r) if r is not None else None
+            if art is None or "local_weights" not in art:
+                continue
+            w = np.asarray(art["local_weights"], dtype=np.float64)
+            counts = c.cache.train_counts
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * w.shape[0] + 1.5)))
+            im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xlabel("eigendimension i (ascending eigenvalue of Σ_y)")
+            ax.set_ylabel("class y (label order; N_y)")
+            if w.shape[0] <= 40:
+                ax.set_yticks(range(w.shape[0]))
+                ax.set_yticklabels([f"{i} (N={int(n)})" for i, n in enumerate(counts)], fontsize=7)
+            ax.set_title(f"Local projection weights σ(w_y^i), {title_ds(g)}")
+            fig.colorbar(im, ax=ax, label="σ(w)")
+            df = pd.DataFrame(w, columns=[f"dim{i}" for i in range(w.shape[1])])
+            df.insert(0, "train_count", counts)
+            df.insert(0, "class", np.arange(w.shape[0]))
+            fr.files = write_figure(figdir, "fig3_local_projection", fig, df,
+                                    f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} "
+                                    f"(hparams {r['hparams']})", [c])
+            half = w.shape[1] // 2
+            top = w[:, half:].mean(1)
+            fr.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`. Mean weight of the upper half "
+                          f"of eigendimensions: head class {top[int(np.argmax(counts))]:.2f}, "
+                          f"tail class {top[int(np.argmin(counts))]:.2f}.")
+            return fr
+    fr.skipped = ("no local-projection fit with weights; produce with `"
+                  + ctx.fit_or_extract("cifar10-lt", 200.0, spec) + "`")
+    return fr
+
+
+def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
+    fr = FigureResult("fig4", "Figure 4: stage-1 learning curve (test accuracy per group)")
+    for g in ctx.pref_groups([("cifar100-lt", 200.0), ("cifar100-lt", 100.0), ("cifar10-lt", 200.0)]):
+        c = g.caches[0]
+        lc = c.cache.learning_curve()
+        if not lc or "epoch" not in lc or len(lc["epoch"]) == 0:
+            continue
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        cols = {}
+        for m, style in (("many", "-"), ("medium", "--"), ("few", ":"), ("all", "-")):
+            if m in lc and np.isfinite(np.asarray(lc[m], dtype=float)).any():
+                ax.plot(lc["epoch"], lc[m], style, label=METRIC_LABEL[m] if m != "medium" else "Medium",
+                        lw=2.2 if m == "all" else 1.5)
+                cols[m] = lc[m]
+        ax.set_xlabel("stage-1 epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Stage-1 learning curve, {title_ds(g)} ({c.epochs} epochs)")
+        ax.legend()
+        fr.files = write_figure(figdir, "fig4_learning_curve", fig, pd.DataFrame({k: np.asarray(v) for k, v in lc.items()}),
+                                "fig4: stage-1 learning curve", [c])
+        last = {k: float(np.asarray(v)[-1]) for k, v in cols.items()}
+        fr.caption = (f"{title_ds(g)}, run `{c.run}`, {c.epochs} epochs; final " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in last.items()) + ".")
+        return fr
+    fr.skipped = ("no cache with a learning curve; produce with `" + ctx.extract_command("cifar100-lt", 200)
+                  + "`")
+    return fr
+
+
+def fig_tau(ctx: ReportContext, figdir) -> FigureResult:
+    fr = FigureResult("fig5", "Figure 5: effect of the logit-adjustment weight τ (Learned NCM)")
+    labels = ["0", "1/16", "1/8", "1/4", "1/2", "1"]
+    for g in ctx.pref_groups([("cifar100-lt", 200.0), ("cifar100-lt", 100.0), ("cifar100-lt", 10.0)]):
+        recs = []
+        missing = []
+        for tau, lab in zip(TAU_SWEEP, labels):
+            spec = H("learned-ncm", tau)
+            rows = [(c, pick_row(c.rows, spec)) for c in g.caches]
+            got = [(c, r) for c, r in rows if r is not None]
+            missing += [fit_command(c.rel, spec) for c, r in rows if r is None]
+            if not got:
+                continue
+            rec = {"tau": tau, "tau_label": lab, "n_seeds": len(got),
+                   "fit_ids": ";".join(str(r["fit_id"]) for _, r in got),
+                   "runs": ";".join(c.run for c, _ in got)}
+            for m in METRICS:
+                v = np.array([as_float(r[f"_{m}"]) for _, r in got])
+                rec[m] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            recs.append(rec)
+        if len(recs) < 2:
+            continue
+        df = pd.DataFrame(recs)
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [labels.index(lab) for lab in df["tau_label"]]
+        for m in METRICS:
+            if np.isfinite(df[m]).any():
+                ax.plot(xs, df[m], "o-", label="Medium" if m == "medium" else METRIC_LABEL[m])
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels)
+        ax.set_xlabel("logit-adjustment weight τ")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Effect of τ, Learned NCM, {title_ds(g)}")
+        ax.legend()
+        fr.files = write_figure(figdir, "fig5_tau", fig, df,
+                                "fig5: learned-ncm accuracy vs tau (mean over seeds)", g.caches)
+        fr.caption = f"{title_ds(g)}; τ values fitted: {', '.join(df['tau_label'])}."
+        if missing:
+            fr.caption += " Not run: " + " ; ".join(f"`{m}`" for m in missing) + "."
+        return fr
+    g = ctx.choose_group("cifar100-lt", 200.0)
+    cmds = ([fit_command(g.caches[0].rel, H("learned-ncm", t)) for t in TAU_SWEEP] if g else
+            [ctx.extract_command("cifar100-lt", 200)] +
+            [fit_command(ctx.rel(expected_run("cifar100-lt", 200)), H("learned-ncm", t)) for t in TAU_SWEEP])
+    fr.skipped = "fewer than two τ values fitted; produce with " + " ; ".join(f"`{c}`" for c in cmds)
+    return fr
+
+
+def fig_centroids(ctx: ReportContext, figdir) -> list:
+    fa = FigureResult("fig6a", "Figure 6a: displacement of learned from empirical centroids")
+    fb = FigureResult("fig6b", "Figure 6b: CDNV of Learned NCM per epoch")
+    spec = H("learned-ncm")
+    for g in ctx.pref_groups([("cifar100-lt", 200.0), ("cifar10-lt", 200.0), ("cifar100-lt", 100.0)]):
+        for c in g.caches:
+            r = pick_row(c.rows, spec)
+            art = _artifact(c, r) if r is not None else None
+            if art is None:
+                continue
+            counts = np.asarray(art.get("train_counts", c.cache.train_counts))
+            fit = f"fit_id {r['fit_id']} (learned-ncm, tau 0, plain, hparams {r['hparams']})"
+            if not fa.files and "centroids" in art and "empirical_centroids" in art:
+                disp = analysis.centroid_displacement(art["centroids"], art["empirical_centroids"])
+                rho, p, n = analysis.spearman(counts, disp)
+                plt = _plt()
+                fig, ax = plt.subplots(figsize=(6, 4))
+                ax.scatter(counts, disp, s=14)
+                ax.set_xscale("log")
+                ax.set_xlabel("class size $N_y$ (train images, log scale)")
+                ax.set_ylabel("‖learned − empirical centroid‖₂")
+                ax.set_title(f"Centroid displacement, {title_ds(g)} (Spearman ρ={rho:.2f})")
+                df = pd.DataFrame({"class": np.arange(len(counts)), "train_count": counts, "displacement": disp})
+                fa.files = write_figure(figdir, "fig6a_displacement", fig, df,
+                                        f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
+                                        [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
+                fa.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
+                              f" = {rho:.2f}; mean displacement {float(np.mean(disp)):.3f}.")
+            if not fb.files and "cdnv_per_epoch" in art and np.asarray(art["cdnv_per_epoch"]).size:
+                cd = np.asarray(art["cdnv_per_epoch"], dtype=np.float64).ravel()
+                data = {"epoch": np.arange(len(cd)), "cdnv": cd}
+                plt = _plt()
+                fig, ax = plt.subplots(figsize=(6, 4))
+                ax.plot(data["epoch"], cd, "o-", ms=3, label="Var_y around the learned centroid")
+                fixed = np.asarray(art.get("cdnv_fixed_var_per_epoch", []), dtype=np.float64).ravel()
+                if fixed.size == cd.size:
+                    data["cdnv_fixed_var"] = fixed
+                    ax.plot(data["epoch"], fixed, "s--", ms=3, label="Var_y fixed at the empirical variance")
+                    ax.legend(fontsize=8)
+                ax.set_xlabel("Learned NCM epoch (0 = empirical centroids)")
+                ax.set_ylabel("average pairwise CDNV")
+                ax.set_title(f"CDNV during Learned NCM training, {title_ds(g)}")
+                fb.files = write_figure(figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
+                                        "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); "
+                                        + fit, [c])
+                fb.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
+                              f"{cd[-1]:.4f} after {len(cd) - 1} epochs.")
+            if fa.files and fb.files:
+                return [fa, fb]
+    cmd = ctx.fit_or_extract("cifar100-lt", 200.0, spec)
+    for f in (fa, fb):
+        if not f.files:
+            f.skipped = f"no learned-ncm fit artifact with the needed arrays; produce with `{cmd}`"
+    return [fa, fb]
+
+
+FIG_FILES = ("fig1_tsne", "fig2_variance_cifar10-lt", "fig7_variance_cifar100-lt", "fig8_variance_cifar20-lt",
+             "fig3_local_projection", "fig4_learning_curve", "fig5_tau", "fig6a_displacement", "fig6b_cdnv")
+
+
+def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list:
+    figdir = out_dir / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    for stem in FIG_FILES:  # a figure whose data disappeared must not linger from an earlier report
+        for ext in (".png", ".csv"):
+            (figdir / f"{stem}{ext}").unlink(missing_ok=True)
+    jobs = [("fig1", lambda: fig_tsne(ctx, figdir, tsne_per_class))]
+    for fig, ds, label in VAR_FIGS:
+        jobs.append((fig, lambda fig=fig, ds=ds, label=label: fig_variance(ctx, figdir, fig, ds, label)))
+    jobs += [("fig3", lambda: fig_local_projection(ctx, figdir)), ("fig4", lambda: fig_learning_curve(ctx, figdir)),
+             ("fig5", lambda: fig_tau(ctx, figdir)), ("fig6", lambda: fig_centroids(ctx, figdir))]
+    results = []
+    for name, job in jobs:
+        try:
+            r = job()
+        except (ValueError, UserError, np.linalg.LinAlgError) as e:
+            ctx.warnings.append(f"{name}: could not be drawn ({type(e).__name__}: {e})")
+            r = FigureResult(name, name, skipped=f"failed: {e}")
+        results += r if isinstance(r, list) else [r]
+    order = {"fig1": 1, "fig2": 2, "fig3": 3, "fig4": 4, "fig5": 5, "fig6a": 6, "fig6b": 6.5, "fig7": 7, "fig8": 8}
+    return sorted(results, key=lambda f: order.get(f.name, 99))
