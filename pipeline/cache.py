@@ -122,8 +122,10 @@ def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None) -> P
     """Rewrite a cache compressed, with features stored as ``feature_dtype``, adding the model's weights from
     ``checkpoint`` (a `pipeline extract` checkpoint.pt whose weights must hash to the cache's weights_sha256).
     For shipping caches in git.  The fingerprint is unchanged: storage is not identity."""
-    c = read_cache(src)
+    c = read_cache(src, upgrade=True)
     prov = dict(c.provenance, feature_dtype=feature_dtype)
+    if c.schema_version != SCHEMA_VERSION:  # upgraded: say so, keep the old fingerprint for the record
+        prov.update(upgraded_from_schema=c.schema_version, upgraded_from_fingerprint=c.fingerprint)
     state = c.model_state()
     if checkpoint is not None:
         import torch
@@ -154,6 +156,7 @@ class FeatureCache:
     classifier_weight: np.ndarray
     classifier_bias: np.ndarray
     variants: list = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +199,7 @@ class FeatureCache:
             return {k: v[()] for k, v in f["learning_curve"].items()}
 
 
-def read_cache(path, expect: dict | None = None) -> FeatureCache:
+def read_cache(path, expect: dict | None = None, upgrade: bool = False) -> FeatureCache:
     """Open and validate a cache.  ``expect`` maps provenance keys to required values (None = any)."""
     path = Path(path)
     if path.is_dir():
@@ -213,12 +216,14 @@ def read_cache(path, expect: dict | None = None) -> FeatureCache:
         if version is None or "provenance" not in f.attrs:
             raise UserError(f"{path} is not a feature cache written by `pipeline extract` "
                             "(no schema_version/provenance)")
-        if int(version) != SCHEMA_VERSION:
+        legacy = upgrade and int(version) == 1  # schema 1 = the same layout, an older fingerprint definition
+        if int(version) != SCHEMA_VERSION and not legacy:
+            hint = (f"; upgrade it with `pipeline pack-cache {path} --out NEW.h5`" if int(version) == 1 else "")
             raise UserError(f"{path} has cache schema version {int(version)}, this toolkit reads "
-                            f"version {SCHEMA_VERSION}; re-extract it with this version")
+                            f"version {SCHEMA_VERSION}; re-extract it with this version{hint}")
         prov = json.loads(f.attrs["provenance"])
         stored = str(f.attrs.get("fingerprint"))
-        if fingerprint(prov) != stored:  # the provenance was edited, or the file was not written by write_cache
+        if not legacy and fingerprint(prov) != stored:  # provenance edited, or not written by write_cache
             raise UserError(f"{path}: its fingerprint {stored} does not match its provenance "
                             f"({fingerprint(prov)}); the cache was altered -- re-create it with `pipeline extract`")
         for k, want in (expect or {}).items():
@@ -231,7 +236,7 @@ def read_cache(path, expect: dict | None = None) -> FeatureCache:
                 raise UserError(f"cache {path} was made with {k}={have!r}, but {k}={want!r} was asked for; "
                                 "point to the right cache or re-extract")
         return FeatureCache(
-            path=path, provenance=prov, fingerprint=str(f.attrs["fingerprint"]),
+            path=path, provenance=prov, fingerprint=str(f.attrs["fingerprint"]), schema_version=int(version),
             class_names=[s.decode() if isinstance(s, bytes) else str(s) for s in f["classes/names"][()]],
             train_counts=f["classes/train_counts"][()], groups=f["classes/groups"][()],
             classifier_weight=f["classifier/weight"][()], classifier_bias=f["classifier/bias"][()],

@@ -169,7 +169,8 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
 def pack_cache(cache, out, feature_dtype, checkpoint):
     """Rewrite a cache gzip-compressed with its model weights (for shipping in git); same fingerprint."""
     from .cache import read_cache, repack_cache
-    if Path(out).resolve() == read_cache(cache).path.resolve():
+    src = Path(cache) / "features.h5" if Path(cache).is_dir() else Path(cache)
+    if Path(out).resolve() == src.resolve():
         raise UserError("--out must differ from the source cache")
     check_writable_dir(Path(out).parent, "--out")
     path = repack_cache(cache, out, feature_dtype, checkpoint)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------------------------------------------
 # Cache contract
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: fingerprint = run_identity + weights hash; optional model/ group; gzip datasets
 VARIANTS = ("plain", "bn_recal")  # features straight from the checkpoint / after post-hoc BN re-estimation
 SPLITS = ("train", "val", "test")
 

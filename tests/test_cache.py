@@ -70,3 +70,21 @@ def test_write_cache_rejects_unknown_dtype(tmp_path):
         write_cache(tmp_path / "x.h5", provenance={}, class_names=["a"], train_counts=[1],
                     classifier_weight=np.zeros((1, 2)), classifier_bias=np.zeros(1),
                     features={"plain": {"train": (np.zeros((1, 2)), np.zeros(1))}}, feature_dtype="int8")
+
+
+def test_schema1_cache_is_refused_with_a_hint_and_upgraded_by_pack_cache(tmp_path):
+    import h5py
+
+    from pipeline.utils import UserError
+    src = make_synthetic_cache(tmp_path / "old.h5", num_classes=4, dim=8, n_max=40, n_test=5)
+    with h5py.File(src, "a") as f:  # what a schema-1 toolkit wrote: its own fingerprint definition
+        f.attrs["schema_version"] = 1
+        f.attrs["fingerprint"] = "0123456789abcdef"
+    with pytest.raises(UserError, match="pack-cache"):
+        read_cache(src)
+    r = CliRunner().invoke(cli, ["pack-cache", str(src), "--out", str(tmp_path / "new.h5")])
+    assert r.exit_code == 0, r.output
+    new = read_cache(tmp_path / "new.h5")
+    assert new.schema_version == 2 and new.provenance["upgraded_from_schema"] == 1
+    assert new.provenance["upgraded_from_fingerprint"] == "0123456789abcdef"
+    assert np.array_equal(new.split("train")[0], read_cache(src, upgrade=True).split("train")[0])

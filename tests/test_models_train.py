@@ -217,7 +217,7 @@ def test_extract_cli_end_to_end_real_jpeg(tmp_path):
     assert c.classifier_weight.shape == (10, 64) and c.classifier_bias.shape == (10,)
     assert list(c.learning_curve()["epoch"]) == [1.0]
     with h5py.File(path) as f:
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
     assert (path.parent / "learning_curve.csv").exists()
     # re-running the same command is a no-op that says so
     r = CliRunner().invoke(cli, args)

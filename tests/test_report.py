@@ -495,3 +495,9 @@ def test_figure_csvs_record_their_provenance(world):
     assert any(h.startswith("# source:") and "fingerprint" in h and "seed" in h and "stage1_commit" in h
                for h in header)
     assert "fit_id" in header[0] and "hparams" in header[0]
+
+
+def test_learning_curve_skips_epochs_without_evaluation():
+    from pipeline.report.figures import finite_curve
+    x, y = finite_curve([1, 2, 3, 4], [float("nan"), 20.0, float("nan"), 40.0])
+    assert list(x) == [2.0, 4.0] and list(y) == [20.0, 40.0]

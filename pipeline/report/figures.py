@@ -209,6 +209,14 @@ def fig_local_projection(ctx: ReportContext, figdir) -> FigureResult:
     return fr
 
 
+def finite_curve(epochs, values):
+    """The evaluated points of a learning-curve column: stage 1 logs test accuracy every --eval-every
+    epochs and NaN in between, and matplotlib draws no line through NaN-separated points."""
+    y = np.asarray(values, dtype=float)
+    ok = np.isfinite(y)
+    return np.asarray(epochs, dtype=float)[ok], y[ok]
+
+
 def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
     fr = FigureResult("fig4", "Figure 4: stage-1 learning curve (test accuracy per group)")
     for g in ctx.pref_groups([("cifar100-lt", 200.0), ("cifar100-lt", 100.0), ("cifar10-lt", 200.0)]):
@@ -220,10 +228,11 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
         fig, ax = plt.subplots(figsize=(6, 4))
         cols = {}
         for m, style in (("many", "-"), ("medium", "--"), ("few", ":"), ("all", "-")):
-            if m in lc and np.isfinite(np.asarray(lc[m], dtype=float)).any():
-                ax.plot(lc["epoch"], lc[m], style, label=METRIC_LABEL[m] if m != "medium" else "Medium",
+            x, y = finite_curve(lc["epoch"], lc.get(m, []))
+            if len(y):
+                ax.plot(x, y, style, label=METRIC_LABEL[m] if m != "medium" else "Medium",
                         lw=2.2 if m == "all" else 1.5)
-                cols[m] = lc[m]
+                cols[m] = y
         ax.set_xlabel("stage-1 epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Stage-1 learning curve, {title_ds(g)} ({c.epochs} epochs)")

@@ -304,7 +304,7 @@ def fit_command(cache_rel: str, spec: Spec, hparams: dict | None = None, seed=No
 def expected_run(dataset, imbalance, seed=0) -> str:
     fam = FAMILY.get(dataset, "cifar")
     beta = imbalance if imbalance is not None else 256  # ImageNet-LT split files: 1280 / 5
-    return run_name(dataset, beta, RECIPES[DEFAULT_RECIPE[fam]]["backbone"], seed)
+    return run_name(dataset, beta, RECIPES[DEFAULT_RECIPE[fam]]["backbone"], seed, DEFAULT_RECIPE[fam])
 
 
 @dataclass
