@@ -76,7 +76,7 @@ def test_schema1_cache_is_refused_with_a_hint_and_upgraded_by_pack_cache(tmp_pat
     import h5py
 
     from pipeline.utils import UserError
-    src = make_synthetic_cache(tmp_path / "old.h5", num_classes=4, dim=8, n_max=40, n_test=5)
+    src = make_synthetic_cache(tmp_path / "old.h5", num_classes=4, dim=8, n_max=40, n_test=5, imbalance=4)
     with h5py.File(src, "a") as f:  # what a schema-1 toolkit wrote: its own fingerprint definition
         f.attrs["schema_version"] = 1
         f.attrs["fingerprint"] = "0123456789abcdef"
