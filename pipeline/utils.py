@@ -19,13 +19,16 @@ _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """Commit of the toolkit's checkout (with '-dirty' when it has uncommitted changes), or 'unknown'."""
+    """Commit of the toolkit's checkout (with '-dirty' when its code has uncommitted changes), or 'unknown'."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+        # dirty = uncommitted changes to the code that computes (not to its outputs: reports/ and cache/
+        # are rewritten by the very runs that record this commit)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "pipeline",
+                                "setup.cfg", "pyproject.toml", "run_all.sh", "benchmarks"], cwd=_REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
