@@ -1,0 +1,65 @@
+"""The reference caches shipped in git (cache/<run>/features.h5): valid, self-consistent, and their stored
+weights reproduce their stored features from the real images."""
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import read_cache
+from pipeline.metrics import evaluate
+
+from .conftest import CIFAR10_JPEG, needs_cifar_jpeg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shipped():
+    out = subprocess.run(["git", "ls-files", "cache/*/features.h5"], cwd=ROOT, capture_output=True, text=True)
+    return [ROOT / p for p in out.stdout.split()]
+
+
+SHIPPED = _shipped()
+
+
+def test_there_is_a_shipped_cache():
+    assert SHIPPED, "no cache/<run>/features.h5 is tracked in git; run_all.sh on a fresh clone would have no input"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_shipped_cache_is_valid_and_consistent(path):
+    c = read_cache(path)
+    p = c.provenance
+    assert c.schema_version == 2 and p["config"]["data_hash"] and p["git_commit"] and p["weights_sha256"]
+    assert set(c.variants) == {"plain", "bn_recal"} and p.get("bn_recal_method")
+    # the stored stage-1 classifier on the stored test features is the Softmax row of the run's own log
+    x, y = c.split("test")
+    acc = evaluate((x @ c.classifier_weight.T + c.classifier_bias).argmax(1), y, c.groups)
+    assert abs(acc["all"] - p["final_test_accuracy"]["all"]) < 0.3  # the log evaluated in bf16, features fp32
+    assert np.isfinite(c.learning_curve()["train_loss"]).all()
+
+
+@needs_cifar_jpeg
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_shipped_weights_reproduce_shipped_features(path):
+    from pipeline.data import load_dataset
+    from pipeline.models import create_model
+    from pipeline.train import weights_sha256
+    c = read_cache(path)
+    p = c.provenance
+    model = create_model(p["backbone"], c.num_classes)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in c.model_state().items()})
+    assert weights_sha256(model) == p["weights_sha256"]
+    k = 8
+    ds = load_dataset(p["dataset"], CIFAR10_JPEG, p["imbalance"], p["subset_seed"], train_limit=60, test_limit=k)
+    x = torch.from_numpy(ds.test.images).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(p["config"]["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(p["config"]["std"]).view(1, 3, 1, 1) * 255
+    model.eval()
+    with torch.no_grad():
+        f = model.forward_features((x - mean) / std).numpy()
+    # the first k test images of every class are rows [c * 1000, c * 1000 + k) of the full test split
+    per_class = np.bincount(c.split("test")[1])
+    rows = np.concatenate([np.arange(k) + per_class[:i].sum() for i in range(c.num_classes)])
+    np.testing.assert_allclose(f, c.split("test", "plain")[0][rows], rtol=1e-4, atol=1e-4)
