@@ -47,14 +47,30 @@ def make_image_folder(root: Path, per_class=(12, 4), classes=4, size=32, seed=0)
     return root
 
 
-def torchrun(args, nproc=2, timeout=120, popen=False):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+HELPERS = Path(__file__).resolve().parent / "dist_helpers"
+
+
+def torchrun(args, nproc=2, timeout=120, popen=False, write_log=None, script=None):
+    """`torchrun --standalone --nproc-per-node N -m pipeline.cli extract ARGS` (or `torchrun ... script`);
+    ``write_log``: file where every rank logs the files it moves into place (dist_helpers/sitecustomize)."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HELPERS}", OMP_NUM_THREADS="1")
+    if write_log:
+        env["PIPELINE_TEST_WRITE_LOG"] = str(write_log)
+    target = [str(script)] if script else ["-m", "pipeline.cli", "extract"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pipeline.cli", "extract"] + [str(a) for a in args]
+           *target] + [str(a) for a in args]
+    # a session of its own: on a timeout the launcher and every rank are killed together
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return job
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, err = job.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s (a hung rank?):\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 
 # the recipe of the equivalence run: 2 SGD steps (batch = the 48 train images; the 3rd epoch has lr 0)
@@ -73,10 +89,12 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank_run(folder, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache2")
+    writes = cache.parent / "writes.log"
     r = torchrun(["--dataset", "imagefolder", "--data-root", folder, "--imbalance", "1", *_flags(EQUIV),
                   "--deterministic", "--device", "cpu", "--sync-bn", "on", "--bn-recalibrate",
-                  "--cache-dir", cache, "--run-name", RUN])
+                  "--cache-dir", cache, "--run-name", RUN], write_log=writes)
     assert r.returncode == 0, r.stdout + r.stderr
+    r.writes = [line.split(" ", 1) for line in writes.read_text().splitlines()]
     return cache, r
 
 
@@ -116,6 +134,10 @@ def test_torchrun_two_ranks_equal_one_process(two_rank_run, folder, tmp_path, mo
     assert p["config"]["bn_groups"] is None  # SyncBN: the same model as one process
     assert sorted(x.name for x in (cache / RUN).iterdir()) == ["checkpoint.pt", "features.h5",
                                                                "learning_curve.csv"]
+    # rank 0 alone moved files into place: the image store, the curve each epoch, checkpoint, cache
+    assert {rank for rank, _ in r.writes} == {"0"}, r.writes
+    assert {Path(dst).name for _, dst in r.writes} >= {"images.npy", "meta.json", "learning_curve.csv",
+                                                        "checkpoint.pt", "features.h5"}
     two = c.model_state()
 
     exact, init, ds = _one_process(folder, tmp_path, True, monkeypatch)
@@ -171,14 +193,18 @@ def test_torchrun_kill_one_rank_then_resume_on_both(folder, tmp_path):
     job = torchrun(args + ["--cache-dir", tmp_path / "k", "--run-name", RUN], popen=True)
     t0 = time.time()
     while not ckpt.exists():  # the first checkpoint (epoch 5; config.CHECKPOINT_EVERY)
-        assert job.poll() is None, job.stdout.read()
+        assert job.poll() is None, job.communicate()
         assert time.time() - t0 < 90, "no checkpoint"
         time.sleep(0.02)
     victim = _rank_pid(job.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
-    out, _ = job.communicate(timeout=60)  # the job stops (torchrun stops rank 0): no hung rank
-    assert job.returncode != 0, out
+    try:
+        out, err = job.communicate(timeout=60)  # the job stops (torchrun stops rank 0): no hung rank
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0, out + err
     assert not (tmp_path / "k" / RUN / "features.h5").exists()
     done = torch.load(ckpt, weights_only=False)["epoch"]
     assert done == 5, done
@@ -205,10 +231,11 @@ def test_torchrun_bad_input_refused_once_on_every_rank(two_rank_run, folder, tmp
     r = torchrun(["--dataset", "imagefolder", "--data-root", folder, "--imbalance", "1", *_flags(EQUIV),
                   "--epochs", "4", "--device", "cpu", "--sync-bn", "on", "--cache-dir", cache, "--run-name", RUN],
                  timeout=90)
-    # known to every rank: missing data
-    r2 = torchrun(["--dataset", "imagefolder", "--data-root", tmp_path / "missing", "--device", "cpu",
-                   "--cache-dir", tmp_path / "c"], timeout=90)
-    for res, needle in ((r, "exists with a different provenance"), (r2, "does not exist")):
+    # known to rank 1 only, inside Dist.agreed() (as a node without the data would be)
+    r2 = torchrun([], script=HELPERS / "agree_job.py", timeout=90)
+    ranks = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", r2.stdout + r2.stderr)
+    assert sorted(ranks) == [("0", "2"), ("1", "2")], r2.stderr  # both refused with status 2, none killed
+    for res, needle in ((r, "exists with a different provenance"), (r2, "only rank 1 sees this (on rank 1)")):
         out = res.stdout + res.stderr
         assert res.returncode != 0
         errors = [line for line in out.splitlines() if re.match(r"^(\[rank\d\]:)?\s*Error:", line)]
