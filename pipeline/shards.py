@@ -94,7 +94,7 @@ class Shard:
             ev.synchronize()  # the copy that last read this buffer has finished
         if buf is None or buf.shape[0] < len(rows):
             buf = self._staging[k] = torch.empty((max(len(rows), 1),) + tuple(self.nhwc.shape[1:]),
-                                                 dtype=torch.uint8).pin_memory()
+                                                 dtype=torch.uint8, pin_memory=True)
         torch.index_select(self.nhwc, 0, idx, out=buf[:len(rows)])
         out = buf[:len(rows)].to(self.device, non_blocking=True)
         ev = self._events[k] = torch.cuda.Event()

@@ -363,3 +363,15 @@ def test_sync_bn_default_and_identity():
     # per-rank BatchNorm is another model: its checkpoint/cache is not reused by a SyncBN (or 1-process) run
     assert "bn_groups" in identity_diff(dict(cfg, bn_groups=4), cfg)
     assert not identity_diff({k: v for k, v in cfg.items() if k != "bn_groups"}, cfg)  # old caches still match
+
+
+def test_resnet50_backbone():
+    """--backbone resnet50 (the usual iNaturalist 2018 backbone): torchvision's ResNet-50, 2048-d features."""
+    from pipeline.models import create_model
+    m = create_model("resnet50", 7).eval()
+    assert sum(p.numel() for p in m.parameters()) == 23_522_375  # torchvision resnet50 with a 7-way fc
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = m.forward_features(x)
+        assert f.shape == (2, 2048)
+        torch.testing.assert_close(m(x), m.fc(f))
