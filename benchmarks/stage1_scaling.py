@@ -90,7 +90,7 @@ def main():
     results = []
     for k, spec in enumerate(a.run):
         nproc, _, extra = spec.partition(":")
-        res = run_one(int(nproc), extra.split(), common, cache, f"run{k}")
+        res = run_one(int(nproc), extra.split(), common, cache, f"run{k}-{time.strftime('%Y%m%d-%H%M%S')}")
         results.append(res)
         print(f"{res['nproc']} rank(s) {res['extra'] or '':24s} {res['images']} images: {res['epoch_s']:.2f} s/epoch "
               f"= {res['ips']:.0f} images/s   (whole command {res['wall']:.0f} s)", flush=True)
