@@ -169,18 +169,27 @@ class BatchAugment:
     def normalize(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std
 
-    def __call__(self, x):
-        b, _, h, w = x.shape
+    def __call__(self, x, rows=None):
+        """Augment and normalise a uint8 batch.  ``rows=(lo, hi, total)``: x holds rows lo:hi of a batch of
+        ``total`` images (one rank's slice of a data-parallel global batch); the random draws are made for
+        all ``total`` images, in the single-process order, and rows lo:hi of them are applied, so each rank
+        augments its slice exactly as one process augments the whole batch."""
+        n, _, h, w = x.shape
+        b, keep = (n, slice(None)) if rows is None else (rows[2], slice(rows[0], rows[1]))
         dev, g = self.device, self.g
+        # every draw first (the image ops below consume no random numbers), then the ops on the kept rows
         flip = torch.rand(b, device=dev, generator=g) < 0.5
         if self.kind in ("cifar", "cifar-autoaug"):
             i = torch.randint(0, 9, (b,), device=dev, generator=g)
             j = torch.randint(0, 9, (b,), device=dev, generator=g)
-            x = pad_crop_flip(x, i, j, flip)
+            if self.kind == "cifar-autoaug":
+                aa = draw_autoaugment(b, dev, g)
+                cy, cx = draw_cutout(b, h, w, dev, g)
+            x = pad_crop_flip(x, i[keep], j[keep], flip[keep])
             if self.kind == "cifar-autoaug":
                 # BALMS order: crop, flip, AutoAugment (PIL, uint8), ToTensor, Cutout, Normalize
-                x = autoaugment(x, *draw_autoaugment(b, dev, g))
-                x = cutout(x, *draw_cutout(b, h, w, dev, g))
+                x = autoaugment(x, *(t[keep] for t in aa))
+                x = cutout(x, cy[keep], cx[keep])
             return self.normalize(x)
-        top, left, ch, cw = rrc_params(b, h, w, dev, g)
-        return resized_crop(self.normalize(x), top, left, ch, cw, flip, self.out_size or w)
+        top, left, ch, cw = (t[keep] for t in rrc_params(b, h, w, dev, g))
+        return resized_crop(self.normalize(x), top, left, ch, cw, flip[keep], self.out_size or w)

@@ -143,20 +143,58 @@ def cli():
 @click.option("--train-limit", type=int, default=None, help="Tiny runs: first k source images per class.")
 @click.option("--test-limit", type=int, default=None, help="Tiny runs: first k test images per class.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
+@click.option("--sync-bn", type=click.Choice(["auto", "on", "off"]), default="auto",
+              help="Under torchrun: SyncBatchNorm (BN statistics over the global batch).  auto = on for "
+                   "ResNet-32 or a per-rank batch < 32.")
+@click.option("--data-on", type=click.Choice(["auto", "device", "host"]), default="auto",
+              help="Where each rank keeps its block of the uint8 images: the training device, or pinned host "
+                   "memory streamed per batch.  auto = device when it fits.")
+@click.option("--image-store/--no-image-store", default=True,
+              help="Keep decoded JPEGs under <cache-dir>/images and memory-map them on later runs.")
 def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
             image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
-            deterministic, bn_recalibrate, compile_mode, **train_overrides):
-    """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5."""
+            deterministic, bn_recalibrate, compile_mode, sync_bn, data_on, image_store, **train_overrides):
+    """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5.
+
+    Data-parallel: `torchrun --nproc-per-node N -m pipeline.cli extract ...` with the same flags."""
+    import contextlib
+    import os
     from .data import load_dataset
+    from .distributed import init_distributed, load_on_ranks
+    from .store import ImageStore
     from .train import extract as run_extract
-    check_writable_dir(cache_dir)  # fail before minutes of decoding, not after
-    ds = load_dataset(dataset, data_root, imbalance, subset_seed, download=download, image_root=image_root,
-                      split_files=(train_split, val_split, test_split), image_size=image_size,
-                      train_limit=train_limit, test_limit=test_limit)
-    path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
-                       deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
-                       compile=compile_mode, **train_overrides)
-    click.echo(f"cache: {path}")
+    try:
+        dist = init_distributed(device)
+    except UserError:
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            sys.exit(2)  # every rank finds the same error; rank 0 prints it
+        raise
+    echo = click.echo if dist.is_main else (lambda *a, **k: None)
+    try:
+        with dist.agreed():
+            check_writable_dir(cache_dir)  # fail before minutes of decoding, not after
+        store = ImageStore(Path(cache_dir) / "images", log=echo) if image_store else None
+
+        def load():
+            with store.active() if store else contextlib.nullcontext():
+                return load_dataset(dataset, data_root, imbalance, subset_seed, download=download,
+                                    image_root=image_root, split_files=(train_split, val_split, test_split),
+                                    image_size=image_size, train_limit=train_limit, test_limit=test_limit)
+
+        ds = load_on_ranks(dist, load)  # one decode per node; the other ranks memory-map the store
+        if store is not None and store.events:
+            ds.extra["image_store"] = store.summary()
+        path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
+                           deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
+                           compile=compile_mode, log=echo, dist=dist, data_on=data_on, sync_bn=sync_bn,
+                           **train_overrides)
+        echo(f"cache: {path}")
+    except UserError:
+        if not dist.is_main:
+            sys.exit(2)  # the same error was raised on every rank (Dist.agreed / on_main); rank 0 prints it
+        raise
+    finally:
+        dist.close()
 
 
 @cli.command("pack-cache")

@@ -74,11 +74,13 @@ AUGMENT_KINDS = ("cifar", "cifar-autoaug", "imagenet")  # pipeline.augment.Batch
 # What a stage-1 run *is*: two configurations agreeing on these keys train the same model, so a checkpoint is
 # resumed / a cache reused only when they match, and the cache fingerprint hashes them.  `data_hash` is the
 # hash of the decoded pixels and labels.  Not identity: where the data lives, the device, eval cadence,
-# torch.compile (same maths), the run folder.
+# torch.compile (same maths), the run folder, the number of data-parallel ranks and their backend.
+# `bn_groups` is None when BatchNorm normalises over the whole global batch (one process, or N ranks with
+# SyncBatchNorm: the same model) and N for N ranks without SyncBN (per-rank statistics: a different model).
 RUN_IDENTITY = ("dataset", "imbalance", "subset_seed", "train_limit", "test_limit", "image_size", "backbone",
                 "recipe", "epochs", "batch_size", "lr", "warmup_start_lr", "momentum", "weight_decay", "warmup_epochs",
                 "warmup_iterations", "schedule", "augment", "seed", "precision", "num_classes", "train_size",
-                "data_hash")
+                "data_hash", "bn_groups")
 
 
 def run_identity(cfg: dict) -> dict:

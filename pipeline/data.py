@@ -115,8 +115,18 @@ def _decode(path, size: int | None, resize: int | None):
         return np.asarray(im, dtype=np.uint8)
 
 
+IMAGE_STORE = None  # a pipeline.store.ImageStore while one is active (`with store.active():`)
+
+
 def decode_images(paths, size: int | None = None, resize: int | None = None, desc="decode") -> np.ndarray:
-    """Decode image files once into a uint8 array [N, size, size, 3] (PIL releases the GIL: threads)."""
+    """Decode image files once into a uint8 array [N, size, size, 3] (PIL releases the GIL: threads);
+    through the active image store, if any (memory-mapped when these files were decoded before)."""
+    if IMAGE_STORE is not None:
+        return IMAGE_STORE.decode(paths, size, resize, desc, _decode_files)
+    return _decode_files(paths, size, resize, desc)
+
+
+def _decode_files(paths, size: int | None = None, resize: int | None = None, desc="decode") -> np.ndarray:
     from tqdm import tqdm
     paths = list(paths)
     if not paths:

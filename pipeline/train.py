@@ -27,8 +27,11 @@ from .cache import fingerprint, read_cache, run_name, write_cache
 from .config import (CHECKPOINT_EVERY, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, IMAGE_SIZE, RECIPES,
                      RUN_IDENTITY, run_identity)
 from .data import LTDataset
+from .distributed import (SINGLE, Dist, bn_groups, convert_sync_bn, resolve_sync_bn, revert_sync_bn,
+                          wrap_ddp)
 from .metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
+from .shards import Shard, resolve_data_on
 from .utils import (UserError, atomic_path, check_writable_dir, git_commit, now_iso, resolve_device,
                     sha256_file)
 
@@ -146,11 +149,18 @@ def _autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_step(model, opt, x, y, precision):
-    """One SGD step of softmax cross-entropy (bf16 autocast when asked); returns (loss, logits)."""
+def train_step(model, opt, x, y, precision, denom=None):
+    """One SGD step of softmax cross-entropy (bf16 autocast when asked); returns (loss, logits).
+
+    ``denom`` (data-parallel ranks): the loss is the sum over this rank's slice divided by global batch /
+    world size, so DistributedDataParallel's average of the ranks' gradients is the gradient of the mean
+    over the global batch even when the slices differ in size."""
     with _autocast(x.device, precision):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if denom is None:
+            loss = F.cross_entropy(logits.float(), y)
+        else:
+            loss = F.cross_entropy(logits.float(), y, reduction="sum") / denom
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -164,8 +174,11 @@ def predict_features(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EX
     model.eval()
     feats, logits = [], []
     starts = range(0, images_u8.shape[0], batch)
+    if not len(starts):  # an empty shard of a data-parallel rank
+        d = model.fc.in_features
+        return np.zeros((0, d), np.float32), np.zeros((0, model.fc.out_features), np.float32)
     for s in tqdm(starts, desc="features", leave=False, disable=True if len(starts) < 20 else None):
-        x = aug.normalize(images_u8[s:s + batch])
+        x = aug.normalize(images_u8[s:s + batch].to(aug.device, non_blocking=True))  # a no-op when on device
         with _autocast(x.device, precision):
             f = model.forward_features(x)
             logit = model.fc(f)
@@ -184,6 +197,17 @@ def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTR
     population variance in the first BN layer of a CIFAR-10 ResNet-32).
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
+    if isinstance(images_u8, Shard):  # host memory, or this rank's block: each batch is sliced over the ranks
+        perm = torch.randperm(images_u8.n, generator=g).numpy()
+        batches = (aug.normalize(images_u8.take(perm[s:s + batch])) for s in range(0, images_u8.n, batch))
+        sync = images_u8.dist.active  # statistics of the whole (global) batch, as one process computes them
+        if sync:
+            convert_sync_bn(model, aug.device)
+        torch.optim.swa_utils.update_bn(batches, model)
+        if sync:
+            revert_sync_bn(model)
+        model.eval()
+        return model
     perm = torch.randperm(images_u8.shape[0], generator=g).to(images_u8.device)
     batches = (aug.normalize(images_u8[perm[s:s + batch]]) for s in range(0, images_u8.shape[0], batch))
     torch.optim.swa_utils.update_bn(batches, model)
@@ -239,11 +263,14 @@ def resolve_compile(compile_mode: str, device) -> bool:
 
 
 def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=False, stop_after=None,
-          log=print):
+          log=print, dist: Dist = SINGLE, data_on="device", sync_bn=False):
     """Train (or resume, or reuse a finished) backbone under ``run_dir``.
 
     Returns (model in eval mode, learning-curve rows).  ``stop_after=k`` ends the call after epoch k (with a
-    checkpoint), as a kill would -- used to test resume.
+    checkpoint), as a kill would -- used to test resume.  Data-parallel (``dist`` of a torchrun job): every
+    rank holds its block of the images (``data_on`` device or host, pipeline/shards.py), trains its slice of
+    each global batch under DistributedDataParallel (+ SyncBatchNorm with ``sync_bn``); rank 0 reads the
+    checkpoint and sends it to all, and alone writes checkpoints and the learning curve.
     """
     from tqdm import tqdm
 
@@ -262,9 +289,12 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg["seed"])
     start_epoch, rows = 0, []
-    if ckpt_path.exists():
+
+    def load_checkpoint():
+        if not ckpt_path.exists():
+            return None
         try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__}); delete it or use "
                             "--overwrite to retrain") from None
@@ -272,6 +302,10 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         if diff:
             raise UserError(f"checkpoint {ckpt_path} was trained with a different configuration or data "
                             f"(have, asked): {diff}; use another --run-name or --overwrite")
+        return ckpt
+
+    ckpt = dist.on_main(load_checkpoint)  # every rank resumes from rank 0's checkpoint
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"].cpu())  # generator states are CPU byte tensors
@@ -285,17 +319,25 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         return model, rows
 
     aug = BatchAugment(dataset.mean, dataset.std, device, cfg["augment"], cfg["image_size"], gen)
-    x_train = to_device_uint8(dataset.train.images, device, channels_last=True)
+    if dist.active or data_on != "device":
+        x_train = Shard(dataset.train.images, device, data_on, dist)
+        x_test = Shard(dataset.test.images, device, data_on, dist)
+    else:  # one process, data on the device (the original path)
+        x_train = to_device_uint8(dataset.train.images, device, channels_last=True)
+        x_test = to_device_uint8(dataset.test.images, device, channels_last=True)
     y_train = torch.from_numpy(dataset.train.labels).to(device)
-    x_test = to_device_uint8(dataset.test.images, device, channels_last=True)
     groups = class_groups(dataset.train_counts)
-    n, bs = x_train.shape[0], cfg["batch_size"]
+    n, bs = len(dataset.train.labels), cfg["batch_size"]
     iters_per_epoch = math.ceil(n / bs)
     precision = cfg["precision"]
-    step_model = torch.compile(model) if resolve_compile(cfg.get("compile", "off"), device) else model
+    ddp_model = wrap_ddp(model, dist, sync_bn)  # the model itself for one process
+    step_model = torch.compile(ddp_model) if resolve_compile(cfg.get("compile", "off"), device) else ddp_model
     eval_every = int(cfg.get("eval_every") or 1)
+    bn_split = dist.active and not sync_bn  # BatchNorm statistics per rank slice
 
     def save(epoch):
+        if not dist.is_main:  # rank 0 alone writes
+            return
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
                      epoch=epoch, curve=rows, identity=ident, config=cfg, torch=torch.__version__)
         with atomic_path(ckpt_path, suffix=".pt") as tmp:
@@ -306,29 +348,45 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         t0 = time.time()
         model.train()
         perm = torch.randperm(n, device=device, generator=gen)
+        perm_host = perm.cpu().numpy() if isinstance(x_train, Shard) else None  # one copy per epoch
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None,
-                   mininterval=1)
+        bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=None if dist.is_main else True, mininterval=1)
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
-            if idx.numel() < 2:  # BatchNorm needs two samples; at most one image of the epoch is skipped
-                continue
+            if idx.numel() < 2 or (bn_split and idx.numel() // dist.world < 2):
+                continue  # BatchNorm needs two samples (per rank without SyncBN); the epoch's last few images
             lr = lr_for(cfg, epoch, b, iters_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            y = y_train[idx]
-            x = aug(x_train[idx]).contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step(step_model, opt, x, y, precision)
-            loss_sum += loss.detach() * idx.numel()
+            if dist.active:  # this rank's slice of the global batch, augmented as in one process
+                lo, hi = dist.block(idx.numel())
+                y = y_train[idx[lo:hi]]
+                x = aug(x_train.take(perm_host[b * bs:(b + 1) * bs]), rows=(lo, hi, idx.numel()))
+                denom = idx.numel() / dist.world
+            else:
+                y = y_train[idx]
+                x = aug(x_train.take(perm_host[b * bs:(b + 1) * bs]) if perm_host is not None else x_train[idx])
+                denom = None
+            x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits = train_step(step_model, opt, x, y, precision, denom)
+            loss_sum += loss.detach() * (y.numel() if denom is None else denom)
             correct += (logits.argmax(1) == y).sum()
-            seen += idx.numel()
+            seen += y.numel()
+        if dist.active:  # the epoch's training loss and accuracy over every rank's slices
+            tot = dist.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)]))
+            loss_sum, correct, seen = tot[0], tot[1], int(tot[2])
         last = epoch + 1 == epochs
         # test accuracy is a learning curve only: every eval_every epochs and at the last (the model), never
         # used to pick an epoch
         if last or (epoch + 1) % eval_every == 0:
-            _, logits = predict_features(model, x_test, aug, precision=precision)
+            if isinstance(x_test, Shard):  # each rank its block, gathered to all
+                logits = dist.gather_rows(predict_features(model, x_test.local, aug, precision=precision)[1],
+                                          x_test.n, to_all=True)
+            else:
+                _, logits = predict_features(model, x_test, aug, precision=precision)
             acc = evaluate(logits.argmax(1), dataset.test.labels, groups)
         else:
             acc = dict.fromkeys(("all", "many", "medium", "few"), float("nan"))
@@ -341,12 +399,15 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         log(f"epoch {epoch + 1:>3}/{epochs}  loss {row['train_loss']:.3f}  train {row['train_acc']:.1f}  "
             f"test All {fmt_acc(acc['all'])} Many {fmt_acc(acc['many'])} Med {fmt_acc(acc['medium'])} "
             f"Few {fmt_acc(acc['few'])}  lr {lr:.4f}  {row['seconds']:.1f}s  ETA {eta / 60:.1f} min")
-        _write_curve(run_dir / "learning_curve.csv", rows)
+        if dist.is_main:
+            _write_curve(run_dir / "learning_curve.csv", rows)
         if last or (epoch + 1) % CHECKPOINT_EVERY == 0 or (stop_after is not None and epoch + 1 >= stop_after):
             save(epoch + 1)
         if stop_after is not None and epoch + 1 >= stop_after and not last:
             log(f"stopping after epoch {epoch + 1} as asked (resume by running the same command)")
             return None, rows
+    if dist.active and sync_bn:
+        revert_sync_bn(model)  # plain BatchNorm again (same tensors): eval and extraction are per sample
     model.eval()
     return model, rows
 
@@ -356,49 +417,80 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
 
 def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", precision="auto",
             deterministic=False, bn_recalibrate=False, overwrite=False, stop_after=None, log=print,
-            **overrides) -> Path | None:
-    """Stage 1 end to end.  Returns the path of features.h5 (None when stopped early by ``stop_after``)."""
-    commit = git_commit()  # the code that trains, taken before the long run (the tree may change meanwhile)
-    dev = resolve_device(device)
-    cfg = resolve_config(dataset, precision=resolve_precision(precision, dev), **overrides)
-    run_dir = check_writable_dir(Path(cache_dir) / (run or run_name(dataset.name, dataset.imbalance,
-                                                                      cfg["backbone"], cfg["seed"],
-                                                                      cfg["recipe"])))
-    cache_path = run_dir / "features.h5"
-    if cache_path.exists() and not overwrite:
-        have = read_cache(cache_path)
-        diff = identity_diff(have.provenance.get("config", {}), cfg)
-        if diff:
-            raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
-                            "use another --run-name / --cache-dir, or --overwrite to replace it")
-        recal_ok = "bn_recal" in have.variants and have.provenance.get("bn_recal_method") == BN_RECAL_METHOD
-        if not bn_recalibrate or recal_ok:
-            log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
-            return cache_path
-        log(f"cache {cache_path}: (re)building its bn_recal features with {BN_RECAL_METHOD}")
-    if overwrite:
-        for p in (run_dir / "checkpoint.pt", run_dir / "learning_curve.csv"):
-            p.unlink(missing_ok=True)
+            dist: Dist = SINGLE, data_on="auto", sync_bn="auto", **overrides) -> Path | None:
+    """Stage 1 end to end.  Returns the path of features.h5 (None when stopped early by ``stop_after``).
 
+    Under torchrun (``dist``) every rank calls this with the same arguments: rank 0 resolves the config
+    (hashing the data once), checks the existing cache and alone writes; features are computed per rank
+    block and gathered; the other ranks return once the cache is in place."""
+    commit = git_commit()  # the code that trains, taken before the long run (the tree may change meanwhile)
+    dev = dist.device if dist.active else resolve_device(device)
+
+    def prepare():  # rank 0: it alone reads the run folder
+        cfg = resolve_config(dataset, precision=resolve_precision(precision, dev), **overrides)
+        sync = resolve_sync_bn(sync_bn, cfg["backbone"], cfg["batch_size"], dist.world)
+        cfg["bn_groups"] = bn_groups(dist.world, sync)  # identity: None = BatchNorm over the global batch
+        run_dir = check_writable_dir(Path(cache_dir) / (run or run_name(dataset.name, dataset.imbalance,
+                                                                          cfg["backbone"], cfg["seed"],
+                                                                          cfg["recipe"])))
+        cache_path = run_dir / "features.h5"
+        if cache_path.exists() and not overwrite:
+            have = read_cache(cache_path)
+            diff = identity_diff(have.provenance.get("config", {}), cfg)
+            if diff:
+                raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
+                                "use another --run-name / --cache-dir, or --overwrite to replace it")
+            recal_ok = "bn_recal" in have.variants and have.provenance.get("bn_recal_method") == BN_RECAL_METHOD
+            if not bn_recalibrate or recal_ok:
+                log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
+                return cfg, sync, run_dir, True
+            log(f"cache {cache_path}: (re)building its bn_recal features with {BN_RECAL_METHOD}")
+        if overwrite:
+            for p in (run_dir / "checkpoint.pt", run_dir / "learning_curve.csv"):
+                p.unlink(missing_ok=True)
+        return cfg, sync, run_dir, False
+
+    cfg, sync, run_dir, done = dist.on_main(prepare)
+    cache_path = run_dir / "features.h5"
+    if done:
+        return cache_path
+    with dist.agreed():  # where this rank's blocks of the train and test images live
+        on = resolve_data_on(data_on, dev, sum(Shard.block_bytes(sp.images, dist) for sp in
+                                               (dataset.train, dataset.test)), log)
+    on = "host" if "host" in dist.all_gather_object(on) else on  # one placement for the job
+
+    par = (f", {dist.world} ranks ({dist.backend}), SyncBatchNorm {'on' if sync else 'off'}"
+           if dist.active else "")
     log(f"stage 1: {dataset.name} beta={dataset.imbalance:g} ({len(dataset.train.labels)} train / "
         f"{len(dataset.test.labels)} test images, {dataset.num_classes} classes) {cfg['backbone']} "
         f"recipe {cfg['recipe']}: {cfg['epochs']} epochs x {cfg['steps_per_epoch']} iterations of batch "
-        f"{cfg['batch_size']}, augment {cfg['augment']}, on {dev} ({cfg['precision']}) -> {run_dir}")
+        f"{cfg['batch_size']}, augment {cfg['augment']}, on {dev} ({cfg['precision']}){par}, data on {on} "
+        f"-> {run_dir}")
     t0 = time.time()
-    model, rows = train(dataset, cfg, run_dir, dev, deterministic, stop_after, log)
+    model, rows = train(dataset, cfg, run_dir, dev, deterministic, stop_after, log, dist=dist, data_on=on,
+                        sync_bn=sync)
     if model is None:
         return None
     train_seconds = time.time() - t0
 
     aug = BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg["image_size"])
-    on_dev = {s: to_device_uint8(sp.images, dev, channels_last=True) for s, sp in dataset.splits().items()}
-    # features are extracted in fp32 whatever the training precision: they are the product of stage 1
-    features = {"plain": {s: (predict_features(model, x, aug)[0], dataset.splits()[s].labels)
-                          for s, x in on_dev.items()}}
+    sharded = dist.active or on != "device"
+    held = {s: Shard(sp.images, dev, on, dist) if sharded else to_device_uint8(sp.images, dev, channels_last=True)
+            for s, sp in dataset.splits().items()}
+
+    def features_of(m):  # features are extracted in fp32 whatever the training precision
+        out = {}
+        for s, x in held.items():
+            f = predict_features(m, x.local if sharded else x, aug)[0]
+            out[s] = (dist.gather_rows(f, x.n) if sharded else f, dataset.splits()[s].labels)
+        return out
+
+    features = {"plain": features_of(model)}
     if bn_recalibrate:
-        recal = recalibrate_bn(copy.deepcopy(model), on_dev["train"], aug)
-        features["bn_recal"] = {s: (predict_features(recal, x, aug)[0], dataset.splits()[s].labels)
-                                for s, x in on_dev.items()}
+        features["bn_recal"] = features_of(recalibrate_bn(copy.deepcopy(model), held["train"], aug))
+    if not dist.is_main:  # rank 0 alone writes the cache; the others wait until it is in place
+        dist.barrier()
+        return cache_path
     curve = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in CURVE_COLUMNS}
     provenance = dict(
         dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
@@ -409,6 +501,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                            f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         deterministic=deterministic, train_seconds=round(train_seconds, 1),
+        distributed=dict(dist.describe(), sync_bn=sync, data_on=on), image_store=dataset.extra.get("image_store"),
         bn_recal_method=BN_RECAL_METHOD if bn_recalibrate else None,
         final_test_accuracy={k: rows[-1][k] for k in ("all", "many", "medium", "few")} if rows else None)
     write_cache(cache_path, provenance=provenance, class_names=dataset.class_names,
@@ -416,4 +509,5 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
                 classifier_bias=model.fc.bias.detach().float().cpu(), features=features, learning_curve=curve,
                 model_state=model.state_dict())
     log(f"wrote {cache_path} (fingerprint {fingerprint(provenance)}; variants {sorted(features)})")
+    dist.barrier()
     return cache_path
