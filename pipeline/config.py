@@ -83,9 +83,15 @@ RUN_IDENTITY = ("dataset", "imbalance", "subset_seed", "train_limit", "test_limi
                 "data_hash", "bn_groups")
 
 
+# Identity keys added after caches of schema 2 were shipped: left out of the identity while None (their
+# default), so that adding one did not change the fingerprint of any existing cache or checkpoint.  A new
+# identity key goes here, with None meaning "as before".
+RUN_IDENTITY_ADDED = ("bn_groups",)
+
+
 def run_identity(cfg: dict) -> dict:
     """The identifying part of a resolved stage-1 config (missing keys read as None)."""
-    return {k: cfg.get(k) for k in RUN_IDENTITY}
+    return {k: cfg.get(k) for k in RUN_IDENTITY if k not in RUN_IDENTITY_ADDED or cfg.get(k) is not None}
 
 
 def recipe_identity(cfg: dict) -> dict:

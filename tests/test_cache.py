@@ -88,3 +88,16 @@ def test_schema1_cache_is_refused_with_a_hint_and_upgraded_by_pack_cache(tmp_pat
     assert new.schema_version == 2 and new.provenance["upgraded_from_schema"] == 1
     assert new.provenance["upgraded_from_fingerprint"] == "0123456789abcdef"
     assert np.array_equal(new.split("train")[0], read_cache(src, upgrade=True).split("train")[0])
+
+
+def test_identity_keys_added_later_keep_old_fingerprints():
+    """A key of config.RUN_IDENTITY_ADDED at its default (None) leaves the fingerprint as it was before the
+    key existed (the shipped caches stay valid); any other value changes it."""
+    from pipeline.cache import fingerprint
+    from pipeline.config import RUN_IDENTITY_ADDED
+    base = dict(dataset="cifar10-lt", imbalance=100, weights_sha256="ab",
+                config=dict(recipe="paper", epochs=80, data_hash="cd"))
+    for key in RUN_IDENTITY_ADDED:
+        same = dict(base, config=dict(base["config"], **{key: None}))
+        other = dict(base, config=dict(base["config"], **{key: 2}))
+        assert fingerprint(same) == fingerprint(base) != fingerprint(other)
