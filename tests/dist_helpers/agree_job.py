@@ -1,5 +1,5 @@
 """A torchrun job in which only rank 1 finds bad input inside Dist.agreed(): every rank must refuse with
-that error (rank 0 prints it, once) and exit 2 -- none left waiting, none killed by torchrun."""
+that error (rank 0 prints it, once) and exit 2 -- none left waiting in a collective."""
 import sys
 
 from pipeline.distributed import init_distributed
