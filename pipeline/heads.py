@@ -285,32 +285,46 @@ class _NCMCrossEntropy(torch.autograd.Function):
     With G = softmax(logits) - onehot(y):  dL/dmu_z = 1/(2B) sum_b G_bz (x_b - mu_z) / d_bz
     = (H^T X)_z - mu_z sum_b H_bz,  H = G / (2 B d).  One GEMM forward, one backward, about half the
     element-wise passes of autograd (this loop is GEMM + memory bound: ImageNet-LT is 6.8k steps of
-    [512, 1000]).  Only the centroids get a gradient.  Differs from autograd only for a sample within
-    1e-6 of a centroid, where autograd's clamp gives 0 and this gives a term bounded by |G|/(2B).
+    [512, 1000]).  Only the centroids get a gradient.
+
+    The split H^T X - mu sum_b H cancels: for a sample on (or within rounding of) a centroid -- every
+    sample of a one-sample class at the start -- H = G / d is huge (d = 1e-6 after the floor) while the
+    exact term G (x - mu) / d is below |G|, and fp32 rounding of the huge products left a gradient of
+    garbage that moved one-sample classes' centroids by ~1 unit in the first steps.  So the backward uses
+    max(d, ``grad_floor``), by default FP32_GRAD_FLOOR (2^-12) times the rms norm of the batch rows: the
+    error stays below ~2^-11 |G| per term, and only pairs closer than that floor (autograd's clamp gives
+    them 0 at d = 0) get their pull damped by d / floor.
     """
 
     @staticmethod
-    def forward(ctx, mu, x, x2, y, offsets):
+    def forward(ctx, mu, x, x2, y, offsets, grad_floor):
         d = sq_dists(x, mu, x2).clamp_min_(D2_FLOOR).sqrt_()
         loss, p = _softmax_ce(d, y, offsets)
-        ctx.save_for_backward(mu, x, d, p, y)
+        ctx.save_for_backward(mu, x, d, p, y, grad_floor)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        mu, x, d, p, y = ctx.saved_tensors
-        H = _grad_over_d(p, d, y)
+        mu, x, d, p, y, grad_floor = ctx.saved_tensors
+        H = _grad_over_d(p, d.clamp_min_(grad_floor), y)
         scale = grad_out / (2 * x.shape[0])  # folded into the [C] and GEMM-output passes, not a [B, C] one
         grad_mu = (H.t() @ x).mul_(scale).addcmul_(mu, (H.sum(0) * scale)[:, None], value=-1)
-        return grad_mu, None, None, None, None
+        return grad_mu, None, None, None, None, None
 
 
-def ncm_loss_fast(x, y, mu, offsets=None, x2=None):
-    """Same as :func:`ncm_loss` (value and centroid gradient), fused; ``x`` gets no gradient."""
+FP32_GRAD_FLOOR = 2.0 ** -12  # relative to the rms row norm; see _NCMCrossEntropy
+
+
+def ncm_loss_fast(x, y, mu, offsets=None, x2=None, grad_floor=None):
+    """Same as :func:`ncm_loss` (value and centroid gradient), fused; ``x`` gets no gradient.
+    ``grad_floor`` (tensor or float; default FP32_GRAD_FLOOR * rms ||x||) bounds 1/d in the backward."""
     if x2 is None:
         x2 = (x * x).sum(1)
-    return _NCMCrossEntropy.apply(mu, x, x2, y, offsets)
+    if grad_floor is None:
+        grad_floor = FP32_GRAD_FLOOR * x2.mean().sqrt()  # a tensor: no device sync per step
+    return _NCMCrossEntropy.apply(mu, x, x2, y, offsets, torch.as_tensor(grad_floor, dtype=x.dtype,
+                                                                         device=x.device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,8 +346,14 @@ def ncm_loss_fast(x, y, mu, offsets=None, x2=None):
 # scale of the class spread instead of the feature mean; it matters most in the backward GEMM,
 # grad_mu = H^T x~ - mu~ sum_b H, whose bf16-rounded first term cancels against the second by a factor of
 # ||x~|| / ||x~ - mu~||.  The backward GEMM H^T x~ runs in bf16 too (the gradient tolerates 2^-9 relative
-# rounding); H is rounded to bf16 on input.
+# rounding); H is rounded to bf16 on input.  That cancellation is unbounded for a sample (almost) on a
+# centroid -- every sample of a one-sample class at the start -- where H = G / d is huge while the exact
+# term G (x - mu) / d stays below |G|: its rounding error (2^-9 |G| ||x~|| / d) would swamp the whole step.
+# So the backward uses max(d, BF16_GRAD_FLOOR * rms ||x~||) there: the error stays below ~3% of |G| per
+# term, and the pull of a sample closer than the floor to a centroid is damped by d / floor (autograd's
+# own clamp sets it to 0 at d = 0).  Pairs that close are rare (d ~ ||x~|| for almost all of them).
 
+BF16_GRAD_FLOOR = 2.0 ** -4  # relative to the rms centred feature norm; see above
 _AUG_EXTRA = 6    # three norm pieces, three ones
 _AUG_ALIGN = 32   # pad the inner dimension: the bf16 GEMM kernels run fastest on multiples of 32
 
@@ -386,10 +406,11 @@ class _NCMCrossEntropyBF16(torch.autograd.Function):
     ``mu_c`` (fp32 master copy): both GEMMs in bf16, everything element-wise in fp32."""
 
     @staticmethod
-    def forward(ctx, mu_c, xa, y, offsets, mua_buf):
+    def forward(ctx, mu_c, xa, y, offsets, mua_buf, grad_floor):
         d = aug_sq_dists(xa, augment_centroids(mu_c.detach(), mua_buf)).float().clamp_min_(D2_FLOOR).sqrt_()
         loss, p = _softmax_ce(d, y, offsets)
         ctx.save_for_backward(mu_c, xa, d, p, y)
+        ctx.grad_floor = grad_floor
         return loss
 
     @staticmethod
@@ -397,16 +418,24 @@ class _NCMCrossEntropyBF16(torch.autograd.Function):
     def backward(ctx, grad_out):
         mu_c, xa, d, p, y = ctx.saved_tensors
         dim = mu_c.shape[1]
-        H = _grad_over_d(p, d, y)
+        H = _grad_over_d(p, d.clamp_min_(ctx.grad_floor), y)
         scale = grad_out / (2 * xa.shape[0])
         HtX = (H.to(torch.bfloat16).t() @ xa[:, :dim]).float()   # = -2 H^T x~
         grad_mu = HtX.mul_(-0.5 * scale).addcmul_(mu_c, (H.sum(0) * scale)[:, None], value=-1)
-        return grad_mu, None, None, None, None
+        return grad_mu, None, None, None, None, None
 
 
-def ncm_loss_bf16(xa, y, mu_c, offsets=None, mua_buf=None):
-    """:func:`ncm_loss` of centred centroids ``mu_c`` on augmented bf16 rows ``xa``: bf16 GEMMs, see above."""
-    return _NCMCrossEntropyBF16.apply(mu_c, xa, y, offsets, mua_buf)
+def bf16_grad_floor(xa: torch.Tensor, dim: int) -> float:
+    """BF16_GRAD_FLOOR times the rms norm of the centred rows x~ of augmented ``xa`` (see above)."""
+    return BF16_GRAD_FLOOR * math.sqrt(float(xa[:, dim:dim + 3].float().sum(1).mean()))
+
+
+def ncm_loss_bf16(xa, y, mu_c, offsets=None, mua_buf=None, grad_floor=None):
+    """:func:`ncm_loss` of centred centroids ``mu_c`` on augmented bf16 rows ``xa``: bf16 GEMMs, see above.
+    ``grad_floor`` (default: :func:`bf16_grad_floor` of this batch) bounds 1/d in the backward."""
+    if grad_floor is None:
+        grad_floor = bf16_grad_floor(xa, mu_c.shape[1])
+    return _NCMCrossEntropyBF16.apply(mu_c, xa, y, offsets, mua_buf, grad_floor)
 
 
 def cpu_has_bf16() -> bool:
@@ -766,9 +795,11 @@ class _NCMTrain:
         if matmul == "bf16":
             self.xa = augment_rows(data.train_x, self.center)            # bf16 [N, aug]
             self.tensors = (self.xa, data.train_y)
+            self.grad_floor = bf16_grad_floor(self.xa, data.dim)
         else:
             self.xc = data.train_x - self.center
             self.tensors = (self.xc, data.train_y, (self.xc * self.xc).sum(1))
+            self.grad_floor = FP32_GRAD_FLOOR * self.tensors[2].mean().sqrt()
 
     def x_of(self, batch):
         """Centred fp32 rows of a batch (for bf16: the rounded x~ the GEMMs see)."""
@@ -804,10 +835,10 @@ def fit_learned_ncm(data: HeadData, hp: dict, tau: float, prep: _NCMTrain | None
         mua = augment_centroids(mu_c.detach())  # reused buffer: its constant columns are written once
 
         def batch_loss(xa, y):
-            return ncm_loss_bf16(xa, y, mu_c, offsets, mua)
+            return ncm_loss_bf16(xa, y, mu_c, offsets, mua, prep.grad_floor)
     else:
         def batch_loss(x, y, x2):
-            return ncm_loss_fast(x, y, mu_c, offsets, x2)
+            return ncm_loss_fast(x, y, mu_c, offsets, x2, prep.grad_floor)
 
     def on_epoch(_):
         cd.append(cdnv_readings(_np(mu_c + c), emp_np, within))

@@ -52,6 +52,7 @@ def test_aug_bf16_distance_error_is_bounded_by_the_rounding_of_centred_points():
 def test_bf16_loss_and_gradient_match_float64():
     x, y, mu0 = _offset_points(seed=1, offset=100.0)
     mu0 = mu0 + torch.randn(mu0.shape, generator=torch.Generator().manual_seed(2))  # not at the class means
+    x[0] = mu0[y[0]]  # a sample exactly on its centroid (a one-sample class at the start): d = 0, G / d huge
     C = len(mu0)
     offsets = 0.125 * torch.log(torch.arange(C, 0, -1).float())
     ref = mu0.double().clone().requires_grad_(True)
@@ -172,6 +173,26 @@ def test_fast_multi_ncm_fit_is_within_0_1_point_of_fp32(offset_data):
     fast = _all(out.pred, ey)
     assert np.abs(out.params["displacements"]).max() > 0.05  # the displacements were learned
     assert abs(fast - ref) <= 0.1, (fast, ref)
+
+
+@pytest.mark.parametrize("matmul", ["bf16", "fp32"])
+def test_one_sample_classes_keep_the_autograd_fit(tmp_path, matmul):
+    """A one-sample class starts with its centroid on its sample (d = 0): the fused backward must not turn
+    the cancellation H^T x - mu sum H (H = G / d huge) into a garbage step, as it did before the floor (those
+    centroids moved by ~1 in 3 epochs).  Compared with autograd through ncm_loss, centroid by centroid."""
+    c = read_cache(make_synthetic_cache(tmp_path / "one.h5", num_classes=25, dim=32, n_max=125, bn_recal=False))
+    assert (c.train_counts == 1).sum() >= 3
+    (tx, ty), (ex, _) = c.split("train"), c.split("test")
+    t = torch.as_tensor
+
+    def make():
+        return HeadData(t(tx), t(ty), t(ex), t(c.train_counts).float(), t(c.classifier_weight),
+                        t(c.classifier_bias), seed=0)
+    hp = dict(HEADS["learned-ncm"].defaults, epochs=3, matmul=matmul)
+    ref = _reference_learned_ncm(make(), hp, 0.0)
+    fast = torch.as_tensor(HEADS["learned-ncm"].fn(make(), hp, 0.0).params["centroids"])
+    err = (fast - ref).norm(dim=1)
+    assert err.max() < 0.02, err
 
 
 # ----------------------------------------------------------------------------------------------------
