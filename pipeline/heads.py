@@ -69,9 +69,15 @@ expectation this is Decoupling's class-aware sampler; it needs no per-class queu
 call on the device.
 
 Speed: distances use the ||x||^2 - 2 x.mu + ||mu||^2 expansion (one GEMM per batch, never a [B, C, d]
-tensor); learned-ncm's loss has a fused closed-form backward (Eq. 6, :class:`_NCMCrossEntropy`), and
-multi-ncm shares that GEMM across all K+1 displacements (:func:`multi_min_sq`).  No Python loop runs over
-samples (only over epochs, batches, row blocks at prediction, and classes in class_eigh).
+tensor); learned-ncm's loss has a fused closed-form backward (Eq. 6, :class:`_NCMCrossEntropy`; one
+log_softmax instead of logsumexp's five passes).  learned-ncm and multi-ncm train on features centred on
+the mean class mean, and with ``matmul`` "bf16" (the default on a CPU with avx512_bf16/amx_bf16; recorded
+in hparams) both GEMMs of a step run in bf16, the forward one on augmented rows whose product is the whole
+squared distance (:func:`augment_rows`: no cancellation after the bf16 rounding).  multi-ncm computes
+||x - mu||^2 once for the train set (mu is frozen), finds the nearest displacement of all (sample, class)
+pairs with one cdist call (:func:`max_plus`), and has a closed-form displacement backward
+(:class:`_MultiNCMCrossEntropy`).  No Python loop runs over samples (only over epochs, batches, row blocks
+at prediction, and classes in class_eigh).
 
 Determinism: all randomness goes through torch.Generator objects seeded from ``seed`` (initial values are
 drawn on the CPU and then moved, so CPU and CUDA start identically); CPU fits are bit-for-bit repeatable,
