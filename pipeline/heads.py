@@ -59,8 +59,8 @@ The paper gives no epoch count or batch size.  We use 30 epochs of batch 512 (co
 lr * clip = 0.5 in total (times the momentum gain), so the budget is counted in steps: 30 epochs are 660
 steps on CIFAR-100-LT and 6.8k on ImageNet-LT.  On a CIFAR-100-LT-sized synthetic cache the CDNV and the
 test accuracy have levelled off by then (90 epochs: same accuracy, CDNV 0.304 -> 0.299, while the train
-loss still creeps down, 0.46 -> 0.39), and an ImageNet-LT-sized fit stays a GEMM-bound ~7 TFLOP (about a
-minute on two uncontended AVX-512 cores; see benchmarks/stage2_speed.py).  Batch 512 is Decoupling's
+loss still creeps down, 0.46 -> 0.39), and an ImageNet-LT-sized fit stays a GEMM-bound ~7 TFLOP (47 s in
+bf16, 59 s in fp32 on two uncontended AVX-512 cores; see benchmarks/stage2_speed.py).  Batch 512 is Decoupling's
 stage-2 batch size.
 
 Class-balanced ("uniform") sampling: every draw picks a class uniformly at random, then one of its
