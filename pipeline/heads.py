@@ -59,8 +59,8 @@ The paper gives no epoch count or batch size.  We use 30 epochs of batch 512 (co
 lr * clip = 0.5 in total (times the momentum gain), so the budget is counted in steps: 30 epochs are 660
 steps on CIFAR-100-LT and 6.8k on ImageNet-LT.  On a CIFAR-100-LT-sized synthetic cache the CDNV and the
 test accuracy have levelled off by then (90 epochs: same accuracy, CDNV 0.304 -> 0.299, while the train
-loss still creeps down, 0.46 -> 0.39), and an ImageNet-LT-sized fit stays a GEMM-bound ~7 TFLOP (about a
-minute on two uncontended AVX-512 cores; see benchmarks/stage2_speed.py).  Batch 512 is Decoupling's
+loss still creeps down, 0.46 -> 0.39), and an ImageNet-LT-sized fit stays a GEMM-bound ~7 TFLOP (47 s in
+bf16, 59 s in fp32 on two uncontended AVX-512 cores; see benchmarks/stage2_speed.py).  Batch 512 is Decoupling's
 stage-2 batch size.
 
 Class-balanced ("uniform") sampling: every draw picks a class uniformly at random, then one of its
@@ -69,9 +69,15 @@ expectation this is Decoupling's class-aware sampler; it needs no per-class queu
 call on the device.
 
 Speed: distances use the ||x||^2 - 2 x.mu + ||mu||^2 expansion (one GEMM per batch, never a [B, C, d]
-tensor); learned-ncm's loss has a fused closed-form backward (Eq. 6, :class:`_NCMCrossEntropy`), and
-multi-ncm shares that GEMM across all K+1 displacements (:func:`multi_min_sq`).  No Python loop runs over
-samples (only over epochs, batches, row blocks at prediction, and classes in class_eigh).
+tensor); learned-ncm's loss has a fused closed-form backward (Eq. 6, :class:`_NCMCrossEntropy`; one
+log_softmax instead of logsumexp's five passes).  learned-ncm and multi-ncm train on features centred on
+the mean class mean, and with ``matmul`` "bf16" (the default on a CPU with avx512_bf16/amx_bf16; recorded
+in hparams) both GEMMs of a step run in bf16, the forward one on augmented rows whose product is the whole
+squared distance (:func:`augment_rows`: no cancellation after the bf16 rounding).  multi-ncm computes
+||x - mu||^2 once for the train set (mu is frozen), finds the nearest displacement of all (sample, class)
+pairs with one cdist call (:func:`max_plus`), and has a closed-form displacement backward
+(:class:`_MultiNCMCrossEntropy`).  No Python loop runs over samples (only over epochs, batches, row blocks
+at prediction, and classes in class_eigh).
 
 Determinism: all randomness goes through torch.Generator objects seeded from ``seed`` (initial values are
 drawn on the CPU and then moved, so CPU and CUDA start identically); CPU fits are bit-for-bit repeatable,
@@ -130,6 +136,10 @@ SGD_DEFAULTS = {k: HEAD_DEFAULTS[k] for k in ("epochs", "batch_size", "lr", "mom
 DECOUPLING_DEFAULTS = dict(epochs=10, batch_size=512, lr=0.2, momentum=0.9, weight_decay=5e-4)
 LWS_DEFAULTS = dict(DECOUPLING_DEFAULTS, epochs=5)
 MULTI_INIT_SCALE = 0.01  # ||delta_i|| ~ 1% of the typical feature-to-centroid distance
+# GEMM precision of the learned-ncm / multi-ncm fits: "auto" = bf16 on a CPU with native bf16 dot products
+# (avx512_bf16 / amx_bf16), fp32 elsewhere (CUDA included: its bf16 GEMMs may reduce in bf16, untested here)
+MATMUL_MODES = ("auto", "bf16", "fp32")
+NCM_SGD_DEFAULTS = dict(SGD_DEFAULTS, matmul="auto")
 
 # every hyperparameter any head accepts, with its validator (value -> error message or None)
 HPARAM_CHECKS = {
@@ -145,6 +155,7 @@ HPARAM_CHECKS = {
     "p": lambda v: None if v == "auto" or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)
     else "must be a number >= 0 or 'auto'",
     "cl2n": lambda v: None if isinstance(v, bool) else "must be true or false",
+    "matmul": lambda v: None if v in MATMUL_MODES else f"must be one of {MATMUL_MODES}",
 }
 
 
@@ -259,44 +270,201 @@ def ncm_loss(x, y, mu, offsets=None, x2=None):
     return F.cross_entropy(ncm_logits(x, mu, offsets, x2), y)
 
 
+def _softmax_ce(d: torch.Tensor, y: torch.Tensor, offsets):
+    """(mean CE of logits -1/2 d (+ offsets), softmax [B, C]) in three passes over [B, C] after the distance:
+    one fused log_softmax, one gather, one exp (logsumexp on the CPU is five separate passes)."""
+    logits = d.mul(-0.5) if offsets is None else torch.add(offsets, d, alpha=-0.5)
+    logp = torch.log_softmax(logits, 1)
+    loss = -logp.gather(1, y[:, None]).mean()
+    return loss, logp.exp_()
+
+
+def _grad_over_d(p: torch.Tensor, d: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """G / d with G = softmax - onehot(y), in place of ``p`` (p is not needed afterwards)."""
+    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+    return p.div_(d)
+
+
 class _NCMCrossEntropy(torch.autograd.Function):
     """:func:`ncm_loss` with the closed-form centroid gradient of Eq. 6, fused to cut [B, C] passes.
 
     With G = softmax(logits) - onehot(y):  dL/dmu_z = 1/(2B) sum_b G_bz (x_b - mu_z) / d_bz
     = (H^T X)_z - mu_z sum_b H_bz,  H = G / (2 B d).  One GEMM forward, one backward, about half the
     element-wise passes of autograd (this loop is GEMM + memory bound: ImageNet-LT is 6.8k steps of
-    [512, 1000]).  Only the centroids get a gradient.  Differs from autograd only for a sample within
-    1e-6 of a centroid, where autograd's clamp gives 0 and this gives a term bounded by |G|/(2B).
+    [512, 1000]).  Only the centroids get a gradient.
+
+    The split H^T X - mu sum_b H cancels: for a sample on (or within rounding of) a centroid -- every
+    sample of a one-sample class at the start -- H = G / d is huge (d = 1e-6 after the floor) while the
+    exact term G (x - mu) / d is below |G|, and fp32 rounding of the huge products left a gradient of
+    garbage that moved one-sample classes' centroids by ~1 unit in the first steps.  So the backward uses
+    max(d, ``grad_floor``), by default FP32_GRAD_FLOOR (2^-12) times the rms norm of the batch rows: the
+    error stays below ~2^-11 |G| per term, and only pairs closer than that floor (autograd's clamp gives
+    them 0 at d = 0) get their pull damped by d / floor.
     """
 
     @staticmethod
-    def forward(ctx, mu, x, x2, y, offsets):
+    def forward(ctx, mu, x, x2, y, offsets, grad_floor):
         d = sq_dists(x, mu, x2).clamp_min_(D2_FLOOR).sqrt_()
-        logits = d.mul(-0.5)
-        if offsets is not None:
-            logits += offsets
-        lse = torch.logsumexp(logits, 1)
-        loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).mean()
-        p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-        ctx.save_for_backward(mu, x, d, p, y)
+        loss, p = _softmax_ce(d, y, offsets)
+        ctx.save_for_backward(mu, x, d, p, y, grad_floor)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        mu, x, d, p, y = ctx.saved_tensors
-        B = x.shape[0]
-        p[torch.arange(B, device=p.device), y] -= 1.0  # G = p - onehot (p is not needed afterwards)
-        H = p.div_(d).mul_(grad_out / (2 * B))
-        grad_mu = H.t() @ x - mu * H.sum(0)[:, None]
-        return grad_mu, None, None, None, None
+        mu, x, d, p, y, grad_floor = ctx.saved_tensors
+        H = _grad_over_d(p, d.clamp_min_(grad_floor), y)
+        scale = grad_out / (2 * x.shape[0])  # folded into the [C] and GEMM-output passes, not a [B, C] one
+        grad_mu = (H.t() @ x).mul_(scale).addcmul_(mu, (H.sum(0) * scale)[:, None], value=-1)
+        return grad_mu, None, None, None, None, None
 
 
-def ncm_loss_fast(x, y, mu, offsets=None, x2=None):
-    """Same as :func:`ncm_loss` (value and centroid gradient), fused; ``x`` gets no gradient."""
+FP32_GRAD_FLOOR = 2.0 ** -12  # relative to the rms row norm; see _NCMCrossEntropy
+
+
+def ncm_loss_fast(x, y, mu, offsets=None, x2=None, grad_floor=None):
+    """Same as :func:`ncm_loss` (value and centroid gradient), fused; ``x`` gets no gradient.
+    ``grad_floor`` (tensor or float; default FP32_GRAD_FLOOR * rms ||x||) bounds 1/d in the backward."""
     if x2 is None:
         x2 = (x * x).sum(1)
-    return _NCMCrossEntropy.apply(mu, x, x2, y, offsets)
+    if grad_floor is None:
+        grad_floor = FP32_GRAD_FLOOR * x2.mean().sqrt()  # a tensor: no device sync per step
+    return _NCMCrossEntropy.apply(mu, x, x2, y, offsets, torch.as_tensor(grad_floor, dtype=x.dtype,
+                                                                         device=x.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 GEMMs for the learned-ncm / multi-ncm fits
+#
+# torch's CPU bf16 matmul accumulates in fp32 but rounds its *output* to bf16 (8 significant bits).  The
+# cross term x.mu of the expansion ||x||^2 - 2 x.mu + ||mu||^2 is as large as ||x|| ||mu||, so rounding it
+# costs 2^-9 ||x|| ||mu|| of absolute error in d^2 -- far more than d^2 itself can afford when the features
+# share a large mean (post-ReLU features do), and still ~0.1 logit on centred data.  Instead the whole
+# squared distance is made the output of ONE bf16 GEMM on augmented rows (no cancellation after rounding):
+#     x_aug  = [ -2 x~ ,  n1  n2  n3 ,  1  1  1 , 0 ... ]      x~ = bf16(x - c),  n1+n2+n3 = ||x~||^2
+#     mu_aug = [  mu~  ,  1   1   1  ,  m1 m2 m3, 0 ... ]      mu~ = bf16(mu - c), m1+m2+m3 = ||mu~||^2
+# so x_aug . mu_aug = ||x~ - mu~||^2 accumulated in fp32 and rounded once: a relative error of 2^-9 on d^2
+# (2^-10 on d, ~0.03 on a logit of -1/2 d at d ~ 50) whatever the magnitude of x and mu.  The norms are
+# split into three bf16 pieces (8 + 8 + 8 bits = fp32's 24) so that they enter the fp32 accumulator
+# exactly, and are computed from the *rounded* x~, mu~, so the result is the exact distance between two
+# points each moved by at most 2^-9 of their coordinates.  The shared centre c (the mean of the empirical
+# class means) keeps those coordinates, and hence both that move and the fp32 accumulation error, at the
+# scale of the class spread instead of the feature mean; it matters most in the backward GEMM,
+# grad_mu = H^T x~ - mu~ sum_b H, whose bf16-rounded first term cancels against the second by a factor of
+# ||x~|| / ||x~ - mu~||.  The backward GEMM H^T x~ runs in bf16 too (the gradient tolerates 2^-9 relative
+# rounding); H is rounded to bf16 on input.  That cancellation is unbounded for a sample (almost) on a
+# centroid -- every sample of a one-sample class at the start -- where H = G / d is huge while the exact
+# term G (x - mu) / d stays below |G|: its rounding error (2^-9 |G| ||x~|| / d) would swamp the whole step.
+# So the backward uses max(d, BF16_GRAD_FLOOR * rms ||x~||) there: the error stays below ~3% of |G| per
+# term, and the pull of a sample closer than the floor to a centroid is damped by d / floor (autograd's
+# own clamp sets it to 0 at d = 0).  Pairs that close are rare (d ~ ||x~|| for almost all of them).
+
+BF16_GRAD_FLOOR = 2.0 ** -4  # relative to the rms centred feature norm; see above
+_AUG_EXTRA = 6    # three norm pieces, three ones
+_AUG_ALIGN = 32   # pad the inner dimension: the bf16 GEMM kernels run fastest on multiples of 32
+
+
+def _aug_width(d: int) -> int:
+    return -(-(d + _AUG_EXTRA) // _AUG_ALIGN) * _AUG_ALIGN
+
+
+def _split3(n: torch.Tensor) -> torch.Tensor:
+    """[..., 3] bf16 pieces whose sum, accumulated in fp32, is ``n`` (fp32) to fp32 precision."""
+    h1 = n.to(torch.bfloat16)
+    r = n - h1.float()
+    h2 = r.to(torch.bfloat16)
+    h3 = (r - h2.float()).to(torch.bfloat16)
+    return torch.stack([h1, h2, h3], -1)
+
+
+def augment_rows(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """x_aug (see above) of rows ``x`` [N, d] centred on ``center``: bf16 [N, _aug_width(d)]."""
+    N, d = x.shape
+    out = torch.zeros(N, _aug_width(d), dtype=torch.bfloat16, device=x.device)
+    for s in range(0, N, 65536):  # in blocks: no fp32 copy of the whole train set at once
+        xb = (x[s:s + 65536] - center).to(torch.bfloat16)
+        xf = xb.float()
+        out[s:s + 65536, :d] = xb * -2           # exact in bf16 (a power of two)
+        out[s:s + 65536, d:d + 3] = _split3((xf * xf).sum(1))
+        out[s:s + 65536, d + 3:d + 6] = 1
+    return out
+
+
+def augment_centroids(mu_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mu_aug (see above) of already-centred centroids ``mu_c`` [C, d]: bf16 [C, _aug_width(d)]."""
+    C, d = mu_c.shape
+    if out is None:
+        out = torch.zeros(C, _aug_width(d), dtype=torch.bfloat16, device=mu_c.device)
+        out[:, d:d + 3] = 1
+    out[:, :d] = mu_c
+    mf = out[:, :d].float()
+    out[:, d + 3:d + 6] = _split3((mf * mf).sum(1))
+    return out
+
+
+def aug_sq_dists(xa: torch.Tensor, mua: torch.Tensor) -> torch.Tensor:
+    """||x~ - mu~||^2 [B, C] (bf16, relative error 2^-9) from augmented rows: one bf16 GEMM."""
+    return xa @ mua.t()
+
+
+class _NCMCrossEntropyBF16(torch.autograd.Function):
+    """:class:`_NCMCrossEntropy` on augmented bf16 rows ``xa`` (:func:`augment_rows`) and centred centroids
+    ``mu_c`` (fp32 master copy): both GEMMs in bf16, everything element-wise in fp32."""
+
+    @staticmethod
+    def forward(ctx, mu_c, xa, y, offsets, mua_buf, grad_floor):
+        d = aug_sq_dists(xa, augment_centroids(mu_c.detach(), mua_buf)).float().clamp_min_(D2_FLOOR).sqrt_()
+        loss, p = _softmax_ce(d, y, offsets)
+        ctx.save_for_backward(mu_c, xa, d, p, y)
+        ctx.grad_floor = grad_floor
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        mu_c, xa, d, p, y = ctx.saved_tensors
+        dim = mu_c.shape[1]
+        H = _grad_over_d(p, d.clamp_min_(ctx.grad_floor), y)
+        scale = grad_out / (2 * xa.shape[0])
+        HtX = (H.to(torch.bfloat16).t() @ xa[:, :dim]).float()   # = -2 H^T x~
+        grad_mu = HtX.mul_(-0.5 * scale).addcmul_(mu_c, (H.sum(0) * scale)[:, None], value=-1)
+        return grad_mu, None, None, None, None, None
+
+
+def bf16_grad_floor(xa: torch.Tensor, dim: int) -> float:
+    """BF16_GRAD_FLOOR times the rms norm of the centred rows x~ of augmented ``xa`` (see above)."""
+    return BF16_GRAD_FLOOR * math.sqrt(float(xa[:, dim:dim + 3].float().sum(1).mean()))
+
+
+def ncm_loss_bf16(xa, y, mu_c, offsets=None, mua_buf=None, grad_floor=None):
+    """:func:`ncm_loss` of centred centroids ``mu_c`` on augmented bf16 rows ``xa``: bf16 GEMMs, see above.
+    ``grad_floor`` (default: :func:`bf16_grad_floor` of this batch) bounds 1/d in the backward."""
+    if grad_floor is None:
+        grad_floor = bf16_grad_floor(xa, mu_c.shape[1])
+    return _NCMCrossEntropyBF16.apply(mu_c, xa, y, offsets, mua_buf, grad_floor)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (else torch emulates them, slower than fp32)."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        _CPU_BF16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return _CPU_BF16
+
+
+_CPU_BF16 = None
+
+
+def resolve_matmul(mode: str, device) -> str:
+    """The GEMM precision a fit uses: "bf16" or "fp32" (``mode`` "auto": bf16 only on a bf16-capable CPU)."""
+    if mode != "auto":
+        return mode
+    return "bf16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 @torch.no_grad()
@@ -341,21 +509,94 @@ def multi_ncm_loss(x, y, mu, delta, offsets=None, x2=None):
     return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
 
+def max_plus(u: torch.Tensor, v: torch.Tensor):
+    """(max_i (u_bi - v_yi), its argmax i) for all pairs [B, C] without a [B, C, K] tensor.
+
+    The (max, +) product has no GEMM; torch.cdist with p = inf computes max_i |u_bi - v_yi| in one
+    cache-blocked kernel (about 5x faster than broadcasting, no [B, C, K] temporary).  To get the argmax
+    from the same call, both operands are put on an integer grid with i in the low 5 bits of u:
+        U_bi = 32 round((u_bi - min u) s) + i,   V_yi = 32 round((v_yi - max v) s)   (U - V >= 0: |.| = id)
+    with s a power of two small enough that every |U - V| < 2^(mantissa bits), so the subtraction and the max
+    are exact; the max then carries the argmax (ties: the largest i) in its low 5 bits.  The only error is
+    the grid step 1/s, at most 2^-18 (fp32; 2^-47 in fp64) of the spread of u plus that of v.  K <= 32.
+    """
+    K = u.shape[1]
+    if K > 32:
+        raise ValueError(f"max_plus handles at most 32 terms, got {K}")
+    umin, vmax = u.min(), v.max()
+    span = float(u.max() - umin) + float(vmax - v.min())
+    bits = round(-math.log2(torch.finfo(u.dtype).eps)) + 1  # significand bits: 24 (fp32), 53 (fp64)
+    s = 2.0 ** math.floor(math.log2((2.0 ** (bits - 5) - 2) / span)) if span > 0 else 1.0
+    idx = torch.arange(K, device=u.device, dtype=u.dtype)
+    U = ((u - umin) * s).round_().mul_(32).add_(idx)
+    V = ((v - vmax) * s).round_().mul_(32)
+    r = torch.cdist(U, V, p=float("inf"))
+    arg = r.remainder(32)
+    val = (r - arg).mul_(1.0 / (32 * s)).add_(umin - vmax)
+    return val, arg.long()
+
+
+def multi_min_sq_fast(A, xD, muD, DD):
+    """:func:`multi_min_sq` through :func:`max_plus`: e_byi = (2 mu_y.delta_i + ||delta_i||^2) - 2 x_b.delta_i,
+    min_i e = -max_i (2 xD_bi - (2 muD + DD)_yi).  Returns (A + min e, argmin) [B, C].  More than 32
+    displacements (null included) fall back to the broadcast :func:`multi_min_sq`."""
+    if xD.shape[1] > 32:
+        return multi_min_sq(A, xD, muD, DD)
+    val, arg = max_plus(2.0 * xD, 2.0 * muD + DD)
+    return A - val, arg
+
+
+class _MultiNCMCrossEntropy(torch.autograd.Function):
+    """:func:`multi_ncm_loss` with the nearest-displacement search by :func:`max_plus` and a closed-form
+    displacement gradient, for ``A`` = ||x - mu||^2 given (precomputed once per fit: mu is frozen).
+
+    d2_by = A_by + e_{b,y,a}, a = argmin_i, e_byi = 2 mu_y.D_i + ||D_i||^2 - 2 x_b.D_i, so with
+    W_by = dL/d(d2_by):  dL/dD_i = 2 sum_{(b,y): a_by = i} W_by (mu_y + D_i - x_b)
+                                 = 2 (c_i^T mu + (sum_y c_iy) D_i - r_i^T x),
+    c_iy = sum_b W_by [a_by = i] and r_ib = sum_y W_by [a_by = i]: two scatter-adds and two small GEMMs
+    instead of autograd through gathers.  Row 0 of D is the fixed null displacement (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, delta, A, x, y, mu, offsets):
+        D = _with_null(delta.detach())
+        d2, arg = multi_min_sq_fast(A, x @ D.t(), mu @ D.t(), (D * D).sum(1))
+        d = d2.clamp_min_(D2_FLOOR).sqrt_()
+        loss, p = _softmax_ce(d, y, offsets)
+        ctx.save_for_backward(D, x, mu, d, p, y, arg)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        D, x, mu, d, p, y, arg = ctx.saved_tensors
+        Wg = _grad_over_d(p, d, y)                       # G / d; dL/d(d2) = -G / (4 B d)
+        c = torch.zeros(D.shape[0], mu.shape[0], dtype=Wg.dtype, device=Wg.device).scatter_add_(0, arg, Wg)
+        r = torch.zeros(x.shape[0], D.shape[0], dtype=Wg.dtype, device=Wg.device).scatter_add_(1, arg, Wg)
+        g = c @ mu + c.sum(1)[:, None] * D - r.t() @ x
+        return g[1:] * (-2.0 * grad_out / (4 * x.shape[0])), None, None, None, None, None
+
+
+def multi_ncm_loss_fast(x, y, mu, delta, offsets=None, A=None):
+    """Same as :func:`multi_ncm_loss` (value to max_plus's grid step; the same gradient but at near-ties), fused."""
+    if A is None:
+        A = sq_dists(x, mu)
+    return _MultiNCMCrossEntropy.apply(delta, A, x, y, mu, offsets)
+
+
 @torch.no_grad()
 def multi_ncm_predict(x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """argmin_y min_i ||x - (mu_y + delta_i)|| with the null displacement included (Eq. 10).
 
     A is computed on the same EVAL_CHUNK row blocks as :func:`ncm_predict` (identical rounding); the
-    [rows, C, K+1] tensor is built for sub-blocks small enough to stay around 16M elements.
+    nearest displacement comes from :func:`max_plus` (no [rows, C, K+1] tensor; exact A when all
+    displacements are zero, since the min is then exactly 0).
     """
     D = _with_null(delta)
     muD, DD = mu @ D.t(), (D * D).sum(1)
-    sub = max(1, 2 ** 24 // (mu.shape[0] * D.shape[0]))
     out = []
     for c in x.split(EVAL_CHUNK):
-        A = sq_dists(c, mu)
-        cD = c @ D.t()
-        out += [multi_min_sq(a, xd, muD, DD)[0].argmin(1) for a, xd in zip(A.split(sub), cD.split(sub))]
+        out.append(multi_min_sq_fast(sq_dists(c, mu), c @ D.t(), muD, DD)[0].argmin(1))
     return torch.cat(out)
 
 
@@ -548,62 +789,121 @@ def ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
                       dict(centroids=_np(mu), empirical_centroids=_np(mu), cl2n_center=_np(center[0])))
 
 
-def fit_learned_ncm(data: HeadData, hp: dict, tau: float):
-    """Learned-NCM centroids (Sec. 4.2) -> (centroids tensor, params dict)."""
+class _NCMTrain:
+    """What the learned-ncm / multi-ncm fits share: features centred on ``center`` (the mean of the empirical
+    class means; distances are translation invariant, so the fit is the same, but the GEMM operands shrink
+    to the class spread) in the representation the GEMM precision wants, gathered batch by batch."""
+
+    def __init__(self, data: HeadData, matmul: str):
+        emp, _ = data.class_stats()
+        self.matmul = matmul
+        self.center = emp.mean(0)
+        if matmul == "bf16":
+            self.xa = augment_rows(data.train_x, self.center)            # bf16 [N, aug]
+            self.tensors = (self.xa, data.train_y)
+            self.grad_floor = bf16_grad_floor(self.xa, data.dim)
+        else:
+            self.xc = data.train_x - self.center
+            self.tensors = (self.xc, data.train_y, (self.xc * self.xc).sum(1))
+            self.grad_floor = FP32_GRAD_FLOOR * self.tensors[2].mean().sqrt()
+
+    def x_of(self, batch):
+        """Centred fp32 rows of a batch (for bf16: the rounded x~ the GEMMs see)."""
+        if self.matmul == "bf16":
+            return batch[0][:, :self.center.numel()].float().mul_(-0.5)
+        return batch[0]
+
+    @torch.no_grad()
+    def sq_dists_all(self, mu_c: torch.Tensor) -> torch.Tensor:
+        """||x~ - mu~||^2 for every train row [N, C] (bf16 for bf16 GEMMs), in row blocks."""
+        if self.matmul == "bf16":
+            mua = augment_centroids(mu_c)
+            return torch.cat([aug_sq_dists(b, mua) for b in self.xa.split(EVAL_CHUNK)])
+        return torch.cat([sq_dists(b, mu_c, n) for b, n in zip(self.xc.split(EVAL_CHUNK),
+                                                               self.tensors[2].split(EVAL_CHUNK))])
+
+
+def fit_learned_ncm(data: HeadData, hp: dict, tau: float, prep: _NCMTrain | None = None):
+    """Learned-NCM centroids (Sec. 4.2) -> (centroids tensor, params dict).
+
+    Trained as centred centroids mu - c (same gradients and SGD steps as mu: the loss is translation
+    invariant); ``hp["matmul"]`` "bf16" runs both GEMMs of a step in bf16 (see :func:`augment_rows`).
+    """
     _, gen = generators(data.seed, data.device)
     emp, within = data.class_stats()
     emp_np = _np(emp)
-    mu = emp.clone().requires_grad_(True)
-    X2 = (data.train_x ** 2).sum(1)  # ||x||^2 once, gathered with the batches
+    prep = prep or _NCMTrain(data, resolve_matmul(hp.get("matmul", "fp32"), data.device))
+    c = prep.center
+    mu_c = (emp - c).requires_grad_(True)
     offsets = _offsets(data, tau)
     cd = [cdnv_readings(emp_np, emp_np, within)]
+    if prep.matmul == "bf16":
+        mua = augment_centroids(mu_c.detach())  # reused buffer: its constant columns are written once
 
-    def batch_loss(x, y, x2):
-        return ncm_loss_fast(x, y, mu, offsets, x2)
+        def batch_loss(xa, y):
+            return ncm_loss_bf16(xa, y, mu_c, offsets, mua, prep.grad_floor)
+    else:
+        def batch_loss(x, y, x2):
+            return ncm_loss_fast(x, y, mu_c, offsets, x2, prep.grad_floor)
 
     def on_epoch(_):
-        cd.append(cdnv_readings(_np(mu), emp_np, within))
+        cd.append(cdnv_readings(_np(mu_c + c), emp_np, within))
 
-    losses = train_sgd([mu], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
-                       clip=hp["clip"], on_epoch=on_epoch)
-    mu = mu.detach()
+    losses = train_sgd([mu_c], batch_loss, data, hp, gen, tensors=prep.tensors, clip=hp["clip"],
+                       on_epoch=on_epoch)
+    mu = (mu_c.detach() + c)
     cd = np.asarray(cd, dtype=np.float64)
     return mu, dict(centroids=_np(mu), empirical_centroids=emp_np, cdnv_per_epoch=cd[:, 0],
                     cdnv_fixed_var_per_epoch=cd[:, 1], loss_per_epoch=losses)
 
 
-@register_head("learned-ncm", defaults=SGD_DEFAULTS, uses_tau=True)
+@register_head("learned-ncm", defaults=NCM_SGD_DEFAULTS, uses_tau=True)
 def learned_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Learned-NCM: centroids learned by SGD on CE(-1/2 ||x - mu_y||) (+ tau log N_y), argmin d."""
-    mu, params = fit_learned_ncm(data, hp, tau)
-    return HeadOutput(ncm_predict(data.eval_x, mu), params)
+    matmul = resolve_matmul(hp["matmul"], data.device)
+    mu, params = fit_learned_ncm(data, hp, tau, _NCMTrain(data, matmul))
+    return HeadOutput(ncm_predict(data.eval_x, mu), params, dict(matmul=matmul))
 
 
-@register_head("multi-ncm", defaults=dict(SGD_DEFAULTS, num_centroids=HEAD_DEFAULTS["num_centroids"]),
+A_MAX_BYTES = 4 << 30  # multi-ncm keeps ||x - mu||^2 of the whole train set up to this size
+
+
+@register_head("multi-ncm", defaults=dict(NCM_SGD_DEFAULTS, num_centroids=HEAD_DEFAULTS["num_centroids"]),
                uses_tau=True)
 def multi_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Multi-NCM (Eq. 10): K shared displacements + a null one around frozen learned-ncm centroids."""
-    mu, ncm_params = fit_learned_ncm(data, hp, tau)
+    matmul = resolve_matmul(hp["matmul"], data.device)
+    prep = _NCMTrain(data, matmul)
+    mu, ncm_params = fit_learned_ncm(data, hp, tau, prep)
     cpu_gen, gen = generators(data.seed, data.device, stream=2)
     _, within = data.class_stats()
     scale = MULTI_INIT_SCALE * math.sqrt(float(within.mean())) / math.sqrt(data.dim)
     K = hp["num_centroids"]
     delta = (torch.randn(K, data.dim, generator=cpu_gen) * scale).to(data.device).requires_grad_(True)
-    X2 = (data.train_x ** 2).sum(1)
     offsets = _offsets(data, tau)
+    mu_c = mu - prep.center
+    N = data.train_x.shape[0]
+    # mu is frozen, so ||x - mu||^2 (the big GEMM of every step) is computed once for the whole train set
+    # and gathered with the batches; the steps are then left with the nearest-displacement search
+    keep_A = N * data.num_classes * (2 if matmul == "bf16" else 4) <= A_MAX_BYTES
+    A_all = prep.sq_dists_all(mu_c) if keep_A else None
+    rows = torch.arange(N, device=data.device)
 
-    def batch_loss(x, y, x2):
-        return multi_ncm_loss(x, y, mu, delta, offsets, x2)
+    def batch_loss(idx, *batch):
+        A = A_all[idx].float() if keep_A else None
+        x = prep.x_of(batch)
+        if A is None:
+            A = sq_dists(x, mu_c)
+        return multi_ncm_loss_fast(x, batch[1], mu_c, delta, offsets, A)
 
-    losses = train_sgd([delta], batch_loss, data, hp, gen, tensors=(data.train_x, data.train_y, X2),
-                       clip=hp["clip"])
+    losses = train_sgd([delta], batch_loss, data, hp, gen, tensors=(rows, *prep.tensors), clip=hp["clip"])
     delta = delta.detach()
     params = dict(centroids=ncm_params["centroids"], empirical_centroids=ncm_params["empirical_centroids"],
                   displacements=_np(delta), loss_per_epoch=losses,
                   centroid_loss_per_epoch=ncm_params["loss_per_epoch"],
                   cdnv_per_epoch=ncm_params["cdnv_per_epoch"],
                   cdnv_fixed_var_per_epoch=ncm_params["cdnv_fixed_var_per_epoch"])
-    return HeadOutput(multi_ncm_predict(data.eval_x, mu, delta), params)
+    return HeadOutput(multi_ncm_predict(data.eval_x, mu, delta), params, dict(matmul=matmul))
 
 
 def class_eigh(data: HeadData):

@@ -17,7 +17,7 @@ from pipeline.cache import read_cache, write_cache
 from pipeline.cli import cli
 from pipeline.config import RESULT_COLUMNS
 from pipeline.fit import fit_head, record_fit
-from pipeline.heads import HEADS
+from pipeline.heads import HEADS, resolve_matmul
 from pipeline.synthetic import make_synthetic_cache, synthetic_features
 from pipeline.utils import UserError
 
@@ -104,7 +104,8 @@ def test_row_values_and_options(cache_dir, tmp_path):
     assert not (cache_dir / "results.csv").exists()
     assert float(row["tau"]) == 0.125 and row["seed"] == "3" and row["device"] == "cpu"
     assert json.loads(row["hparams"]) == dict(batch_size=64, clip=0.1, epochs=2, eval_split="val", lr=2.5,
-                                              momentum=0.9, num_centroids=4)
+                                              momentum=0.9, num_centroids=4,
+                                              matmul=resolve_matmul("auto", "cpu"))  # the GEMM precision used
     z = np.load(cache_dir / row["artifact"])  # artifacts stay next to the cache
     assert z["displacements"].shape == (4, 6) and z["cdnv_per_epoch"].shape == (3,)
 

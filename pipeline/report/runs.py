@@ -239,6 +239,9 @@ def make_groups(infos, warnings: list) -> list:
 # ----------------------------------------------------------------------------------------------------
 # Picking the fit row of a table cell
 
+COMPUTE_DETAILS = ("matmul",)  # hparams that record how a fit was computed, not what was fitted
+
+
 def pick_row(rows: pd.DataFrame, spec: Spec):
     """The latest test-split row for ``spec``; with several hparams settings: a value chosen on the val
     split first (tau-norm's p auto), then the one closest to the head's defaults, then the newest."""
@@ -255,7 +258,9 @@ def pick_row(rows: pd.DataFrame, spec: Spec):
             continue
         if hp.get("eval_split", "test") != "test":  # the paper's numbers are test-set numbers
             continue
-        conflicts = sum(1 for k, v in hp.items() if k in defaults and not _same(v, defaults[k]))
+        # how the GEMMs were computed (bf16 / fp32, chosen by matmul "auto") is not a hyperparameter
+        conflicts = sum(1 for k, v in hp.items() if k in defaults and k not in COMPUTE_DETAILS
+                        and not _same(v, defaults[k]))
         ts = r["_ts"]
         ranked.append((hp.get("p_select") != "val", conflicts, -(ts.value if not pd.isna(ts) else -1),
                        -r["_order"], r))
