@@ -501,3 +501,24 @@ def test_learning_curve_skips_epochs_without_evaluation():
     from pipeline.report.figures import finite_curve
     x, y = finite_curve([1, 2, 3, 4], [float("nan"), 20.0, float("nan"), 40.0])
     assert list(x) == [2.0, 4.0] and list(y) == [20.0, 40.0]
+
+
+def test_pick_row_treats_matmul_as_a_computation_detail():
+    """A newer learned-ncm row computed with bf16 GEMMs (matmul "auto" resolved to bf16) is preferred to an
+    older row written before matmul was recorded: matmul is how a fit was computed, not a hyperparameter
+    that departs from the defaults."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.heads import HEADS
+    from pipeline.report.paper import Spec
+    from pipeline.report.runs import pick_row
+    hp = {k: v for k, v in HEADS["learned-ncm"].defaults.items() if k != "matmul"}
+    rows = pd.DataFrame([
+        dict(head="learned-ncm", _variant="plain", _tau=0.0, hparams=json.dumps(hp),
+             _ts=pd.Timestamp("2026-01-01"), _order=0, acc=1),
+        dict(head="learned-ncm", _variant="plain", _tau=0.0, hparams=json.dumps({**hp, "matmul": "bf16"}),
+             _ts=pd.Timestamp("2026-02-01"), _order=1, acc=2),
+    ])
+    assert pick_row(rows, Spec("learned-ncm"))["acc"] == 2
