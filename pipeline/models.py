@@ -84,12 +84,14 @@ def resnet32(num_classes=10):
 
 
 # ----------------------------------------------------------------------------------------------------
-# ResNet-10 for ImageNet-LT (Decoupling: BasicBlock, [1, 1, 1, 1], 7x7/2 stem + maxpool, 512-d feature)
+# torchvision ResNets with forward_features:
+#   resnet10  ImageNet-LT (Decoupling: BasicBlock, [1, 1, 1, 1], 7x7/2 stem + maxpool, 512-d feature)
+#   resnet50  Bottleneck [3, 4, 6, 3], 2048-d feature: the usual iNaturalist 2018 backbone
 
-class ResNet10(TVResNet):
-    def __init__(self, num_classes=1000):
-        super().__init__(TVBasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-        self.feature_dim = 512
+class TorchvisionResNet(TVResNet):
+    def __init__(self, block, layers, num_classes=1000):
+        super().__init__(block, layers, num_classes=num_classes)
+        self.feature_dim = self.fc.in_features
 
     def forward_features(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -102,27 +104,10 @@ class ResNet10(TVResNet):
 
 @register_model("resnet10")
 def resnet10(num_classes=1000):
-    return ResNet10(num_classes)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ResNet-50 (torchvision's Bottleneck [3, 4, 6, 3], 2048-d feature): the usual iNaturalist 2018 backbone
-
-class ResNet50(TVResNet):
-    def __init__(self, num_classes=1000):
-        from torchvision.models.resnet import Bottleneck
-        super().__init__(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
-        self.feature_dim = 2048
-
-    def forward_features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x):
-        return self.fc(self.forward_features(x))
+    return TorchvisionResNet(TVBasicBlock, [1, 1, 1, 1], num_classes)
 
 
 @register_model("resnet50")
 def resnet50(num_classes=1000):
-    return ResNet50(num_classes)
+    from torchvision.models.resnet import Bottleneck
+    return TorchvisionResNet(Bottleneck, [3, 4, 6, 3], num_classes)
