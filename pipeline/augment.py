@@ -31,7 +31,7 @@ CIFAR10_POLICY = _AA._policies                      # 25 x ((op, prob, magnitude
 NUM_BINS = 10                                       # torchvision's AutoAugment magnitude bins
 
 
-def op_magnitude(op: str, bin_idx, height: int, width: int) -> float:
+def op_magnitude(op: str, bin_idx, height: int, width: int) -> tuple[float, bool]:
     """torchvision's magnitude of `op` at `bin_idx` (0.0 for ops without one) and whether it is signed."""
     fn, signed = _AA._AUGMENTATION_SPACE[op]
     mags = fn(NUM_BINS, height, width)
