@@ -66,6 +66,17 @@ class FigureResult:
     caption: str = ""
 
 
+def _fit_artifacts(ctx: ReportContext, prefs, spec):
+    """(group, cache, row, artifact) for each cache of the preferred groups, in order, whose chosen fit row
+    for ``spec`` has a readable artifact (the figures that draw from a fit's saved parameters)."""
+    for g in ctx.pref_groups(prefs):
+        for c in g.caches:
+            r = pick_row(c.rows, spec)
+            art = _artifact(c, r) if r is not None else None
+            if art is not None:
+                yield g, c, r, art
+
+
 def _artifact(c, row):
     rel = str(row.get("artifact", "") or "")
     if not rel:
@@ -174,36 +185,34 @@ def fig_variance(ctx: ReportContext, figdir, fig, dataset, label) -> FigureResul
 def fig_local_projection(ctx: ReportContext, figdir) -> FigureResult:
     fr = FigureResult("fig3", "Figure 3: learned local projections (sigmoid weights per eigendimension)")
     spec = H("local-projection")
-    for g in ctx.pref_groups([("cifar10-lt", 200.0), ("cifar10-lt", 100.0), ("cifar10-lt", 10.0)]):
-        for c in g.caches:
-            r = pick_row(c.rows, spec)
-            art = _artifact(c, r) if r is not None else None
-            if art is None or "local_weights" not in art:
-                continue
-            w = np.asarray(art["local_weights"], dtype=np.float64)
-            counts = c.cache.train_counts
-            plt = _plt()
-            fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * w.shape[0] + 1.5)))
-            im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xlabel("eigendimension i (ascending eigenvalue of Σ_y)")
-            ax.set_ylabel("class y (label order; N_y)")
-            if w.shape[0] <= 40:
-                ax.set_yticks(range(w.shape[0]))
-                ax.set_yticklabels([f"{i} (N={int(n)})" for i, n in enumerate(counts)], fontsize=7)
-            ax.set_title(f"Local projection weights σ(w_y^i), {title_ds(g)}")
-            fig.colorbar(im, ax=ax, label="σ(w)")
-            df = pd.DataFrame(w, columns=[f"dim{i}" for i in range(w.shape[1])])
-            df.insert(0, "train_count", counts)
-            df.insert(0, "class", np.arange(w.shape[0]))
-            fr.files = write_figure(figdir, "fig3_local_projection", fig, df,
-                                    f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} "
-                                    f"(hparams {r['hparams']})", [c])
-            half = w.shape[1] // 2
-            top = w[:, half:].mean(1)
-            fr.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`. Mean weight of the upper half "
-                          f"of eigendimensions: head class {top[int(np.argmax(counts))]:.2f}, "
-                          f"tail class {top[int(np.argmin(counts))]:.2f}.")
-            return fr
+    prefs = [("cifar10-lt", 200.0), ("cifar10-lt", 100.0), ("cifar10-lt", 10.0)]
+    for g, c, r, art in _fit_artifacts(ctx, prefs, spec):
+        if "local_weights" not in art:
+            continue
+        w = np.asarray(art["local_weights"], dtype=np.float64)
+        counts = c.cache.train_counts
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * w.shape[0] + 1.5)))
+        im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xlabel("eigendimension i (ascending eigenvalue of Σ_y)")
+        ax.set_ylabel("class y (label order; N_y)")
+        if w.shape[0] <= 40:
+            ax.set_yticks(range(w.shape[0]))
+            ax.set_yticklabels([f"{i} (N={int(n)})" for i, n in enumerate(counts)], fontsize=7)
+        ax.set_title(f"Local projection weights σ(w_y^i), {title_ds(g)}")
+        fig.colorbar(im, ax=ax, label="σ(w)")
+        df = pd.DataFrame(w, columns=[f"dim{i}" for i in range(w.shape[1])])
+        df.insert(0, "train_count", counts)
+        df.insert(0, "class", np.arange(w.shape[0]))
+        fr.files = write_figure(figdir, "fig3_local_projection", fig, df,
+                                f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} "
+                                f"(hparams {r['hparams']})", [c])
+        half = w.shape[1] // 2
+        top = w[:, half:].mean(1)
+        fr.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`. Mean weight of the upper half "
+                      f"of eigendimensions: head class {top[int(np.argmax(counts))]:.2f}, "
+                      f"tail class {top[int(np.argmin(counts))]:.2f}.")
+        return fr
     fr.skipped = ("no local-projection fit with weights; produce with `"
                   + ctx.fit_or_extract("cifar10-lt", 200.0, spec) + "`")
     return fr
@@ -301,51 +310,47 @@ def fig_centroids(ctx: ReportContext, figdir) -> list:
     fa = FigureResult("fig6a", "Figure 6a: displacement of learned from empirical centroids")
     fb = FigureResult("fig6b", "Figure 6b: CDNV of Learned NCM per epoch")
     spec = H("learned-ncm")
-    for g in ctx.pref_groups([("cifar100-lt", 200.0), ("cifar10-lt", 200.0), ("cifar100-lt", 100.0)]):
-        for c in g.caches:
-            r = pick_row(c.rows, spec)
-            art = _artifact(c, r) if r is not None else None
-            if art is None:
-                continue
-            counts = np.asarray(art.get("train_counts", c.cache.train_counts))
-            fit = f"fit_id {r['fit_id']} (learned-ncm, tau 0, plain, hparams {r['hparams']})"
-            if not fa.files and "centroids" in art and "empirical_centroids" in art:
-                disp = analysis.centroid_displacement(art["centroids"], art["empirical_centroids"])
-                rho, p, n = analysis.spearman(counts, disp)
-                plt = _plt()
-                fig, ax = plt.subplots(figsize=(6, 4))
-                ax.scatter(counts, disp, s=14)
-                ax.set_xscale("log")
-                ax.set_xlabel("class size $N_y$ (train images, log scale)")
-                ax.set_ylabel("‖learned − empirical centroid‖₂")
-                ax.set_title(f"Centroid displacement, {title_ds(g)} (Spearman ρ={rho:.2f})")
-                df = pd.DataFrame({"class": np.arange(len(counts)), "train_count": counts, "displacement": disp})
-                fa.files = write_figure(figdir, "fig6a_displacement", fig, df,
-                                        f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
-                                        [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
-                fa.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
-                              f" = {rho:.2f}; mean displacement {float(np.mean(disp)):.3f}.")
-            if not fb.files and "cdnv_per_epoch" in art and np.asarray(art["cdnv_per_epoch"]).size:
-                cd = np.asarray(art["cdnv_per_epoch"], dtype=np.float64).ravel()
-                data = {"epoch": np.arange(len(cd)), "cdnv": cd}
-                plt = _plt()
-                fig, ax = plt.subplots(figsize=(6, 4))
-                ax.plot(data["epoch"], cd, "o-", ms=3, label="Var_y around the learned centroid")
-                fixed = np.asarray(art.get("cdnv_fixed_var_per_epoch", []), dtype=np.float64).ravel()
-                if fixed.size == cd.size:
-                    data["cdnv_fixed_var"] = fixed
-                    ax.plot(data["epoch"], fixed, "s--", ms=3, label="Var_y fixed at the empirical variance")
-                    ax.legend(fontsize=8)
-                ax.set_xlabel("Learned NCM epoch (0 = empirical centroids)")
-                ax.set_ylabel("average pairwise CDNV")
-                ax.set_title(f"CDNV during Learned NCM training, {title_ds(g)}")
-                fb.files = write_figure(figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
-                                        "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); "
-                                        + fit, [c])
-                fb.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
-                              f"{cd[-1]:.4f} after {len(cd) - 1} epochs.")
-            if fa.files and fb.files:
-                return [fa, fb]
+    prefs = [("cifar100-lt", 200.0), ("cifar10-lt", 200.0), ("cifar100-lt", 100.0)]
+    for g, c, r, art in _fit_artifacts(ctx, prefs, spec):
+        counts = np.asarray(art.get("train_counts", c.cache.train_counts))
+        fit = f"fit_id {r['fit_id']} (learned-ncm, tau 0, plain, hparams {r['hparams']})"
+        if not fa.files and "centroids" in art and "empirical_centroids" in art:
+            disp = analysis.centroid_displacement(art["centroids"], art["empirical_centroids"])
+            rho, p, n = analysis.spearman(counts, disp)
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.scatter(counts, disp, s=14)
+            ax.set_xscale("log")
+            ax.set_xlabel("class size $N_y$ (train images, log scale)")
+            ax.set_ylabel("‖learned − empirical centroid‖₂")
+            ax.set_title(f"Centroid displacement, {title_ds(g)} (Spearman ρ={rho:.2f})")
+            df = pd.DataFrame({"class": np.arange(len(counts)), "train_count": counts, "displacement": disp})
+            fa.files = write_figure(figdir, "fig6a_displacement", fig, df,
+                                    f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
+                                    [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
+            fa.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
+                          f" = {rho:.2f}; mean displacement {float(np.mean(disp)):.3f}.")
+        if not fb.files and "cdnv_per_epoch" in art and np.asarray(art["cdnv_per_epoch"]).size:
+            cd = np.asarray(art["cdnv_per_epoch"], dtype=np.float64).ravel()
+            data = {"epoch": np.arange(len(cd)), "cdnv": cd}
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(data["epoch"], cd, "o-", ms=3, label="Var_y around the learned centroid")
+            fixed = np.asarray(art.get("cdnv_fixed_var_per_epoch", []), dtype=np.float64).ravel()
+            if fixed.size == cd.size:
+                data["cdnv_fixed_var"] = fixed
+                ax.plot(data["epoch"], fixed, "s--", ms=3, label="Var_y fixed at the empirical variance")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("Learned NCM epoch (0 = empirical centroids)")
+            ax.set_ylabel("average pairwise CDNV")
+            ax.set_title(f"CDNV during Learned NCM training, {title_ds(g)}")
+            fb.files = write_figure(figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
+                                    "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); "
+                                    + fit, [c])
+            fb.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
+                          f"{cd[-1]:.4f} after {len(cd) - 1} epochs.")
+        if fa.files and fb.files:
+            return [fa, fb]
     cmd = ctx.fit_or_extract("cifar100-lt", 200.0, spec)
     for f in (fa, fb):
         if not f.files:
