@@ -149,16 +149,29 @@ def cli():
 @click.option("--data-on", type=click.Choice(["auto", "device", "host"]), default="auto",
               help="Where each rank keeps its block of the uint8 images: the training device, or pinned host "
                    "memory streamed per batch.  auto = device when it fits.")
+@click.option("--time-limit", default=None, metavar="DURATION",
+              help="Pause (checkpoint written, exit status 3) when the next epoch would not end within this "
+                   "wall-clock time from the start, e.g. 2h30m, 90m, 45s.  SIGTERM, SIGINT and SIGUSR1 pause "
+                   "at the end of the current epoch.  Re-run the same command to continue.")
+@click.option("--allow-precision-change", is_flag=True,
+              help="Resume a checkpoint trained in another precision (e.g. a bf16 run on a CPU without "
+                   "native bf16); each epoch range's precision is recorded in the provenance.")
 @click.option("--image-store/--no-image-store", default=True,
               help="Keep decoded JPEGs under <cache-dir>/images and memory-map them on later runs.")
 def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
             image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
-            deterministic, bn_recalibrate, compile_mode, sync_bn, data_on, image_store, **train_overrides):
+            deterministic, bn_recalibrate, compile_mode, sync_bn, data_on, image_store, time_limit,
+            allow_precision_change, **train_overrides):
     """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5.
 
+    Exit status: 0 finished, 2 error, 3 paused (--time-limit or a signal; re-run to continue), 130 aborted.
     Data-parallel: `torchrun --nproc-per-node N -m pipeline.cli extract ...` with the same flags."""
     import contextlib
     import os
+    import time
+    from .pause import EXIT_PAUSED, RunPaused, parse_duration
+    started = time.monotonic()
+    limit = parse_duration(time_limit) if time_limit is not None else None
     from .data import load_dataset
     from .distributed import init_distributed, load_on_ranks
     from .store import ImageStore
@@ -187,8 +200,12 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
         path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
                            deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
                            compile=compile_mode, log=echo, dist=dist, data_on=data_on, sync_bn=sync_bn,
+                           time_limit=limit, started=started, allow_precision_change=allow_precision_change,
                            **train_overrides)
         echo(f"cache: {path}")
+    except RunPaused as p:
+        echo(str(p))
+        sys.exit(EXIT_PAUSED)
     except UserError:
         if not dist.is_main:
             sys.exit(2)  # the same error was raised on every rank (Dist.agreed / on_main); rank 0 prints it

@@ -31,6 +31,7 @@ from .distributed import (SINGLE, Dist, bn_groups, convert_sync_bn, resolve_sync
                           wrap_ddp)
 from .metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
+from .pause import PauseControl, RunPaused
 from .shards import Shard, resolve_data_on
 from .utils import (UserError, atomic_path, check_writable_dir, git_commit, now_iso, resolve_device,
                     sha256_file)
@@ -218,10 +219,38 @@ def recalibrate_bn(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTR
 # ----------------------------------------------------------------------------------------------------
 # Training with automatic resume
 
-def identity_diff(have: dict, want: dict) -> dict:
-    """{key: (have, want)} for the config.RUN_IDENTITY keys that differ (compared as JSON stores them)."""
+def identity_diff(have: dict, want: dict, allow_precision_change=False) -> dict:
+    """{key: (have, want)} for the config.RUN_IDENTITY keys that differ (compared as JSON stores them);
+    with ``allow_precision_change`` a different training precision alone is no difference."""
     want = json.loads(json.dumps(run_identity(want)))
-    return {k: (have.get(k), want.get(k)) for k in RUN_IDENTITY if have.get(k) != want.get(k)}
+    diff = {k: (have.get(k), want.get(k)) for k in RUN_IDENTITY if have.get(k) != want.get(k)}
+    if allow_precision_change:
+        diff.pop("precision", None)
+    return diff
+
+
+def _refusal(what, diff) -> str:
+    msg = f"{what} was trained with a different configuration or data (have, asked): {diff}; "
+    if set(diff) == {"precision"}:  # e.g. a bf16 run resumed on a CPU without native bf16
+        have, want = diff["precision"]
+        return msg + (f"pass --precision {have}, or --allow-precision-change to continue it in {want} "
+                      "(recorded in its provenance as precision_segments)")
+    return msg + "use another --run-name or --overwrite"
+
+
+def continue_precision(ckpt_identity: dict, ckpt_segments, cfg: dict, start_epoch: int):
+    """A resumed run keeps the precision it started with in its identity (cfg['precision']); the precision
+    each epoch range actually trained in goes to cfg['precision_segments'] = [[first epoch, precision], ...]
+    once it changes.  Returns the precision to train the remaining epochs in."""
+    train_precision = cfg["precision"]
+    first = ckpt_identity.get("precision", train_precision)
+    segments = [list(s) for s in (ckpt_segments or [[0, first]])]
+    if segments[-1][1] != train_precision and start_epoch < cfg["epochs"]:  # (a finished run trains no more)
+        segments.append([start_epoch, train_precision])
+    cfg["precision"] = first
+    if len(segments) > 1:
+        cfg["precision_segments"] = segments
+    return train_precision
 
 
 def weights_sha256(model) -> str:
@@ -262,12 +291,24 @@ def resolve_compile(compile_mode: str, device) -> bool:
     return compile_mode == "on"
 
 
+def _any_rank(dist: Dist, why: str | None, device) -> str | None:
+    """A pause reason agreed by all ranks: every rank pauses when any rank has one (a signal, its clock)."""
+    if not dist.active:
+        return why
+    votes = dist.all_reduce_sum(torch.tensor([float(why is not None)], device=device))
+    return why or ("another rank" if float(votes[0]) > 0 else None)
+
+
 def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=False, stop_after=None,
-          log=print, dist: Dist = SINGLE, data_on="device", sync_bn=False):
+          log=print, dist: Dist = SINGLE, data_on="device", sync_bn=False, pause: PauseControl | None = None,
+          allow_precision_change=False):
     """Train (or resume, or reuse a finished) backbone under ``run_dir``.
 
     Returns (model in eval mode, learning-curve rows).  ``stop_after=k`` ends the call after epoch k (with a
-    checkpoint), as a kill would -- used to test resume.  Data-parallel (``dist`` of a torchrun job): every
+    checkpoint), as a kill would -- used to test resume.  ``pause`` (a PauseControl): at each epoch end, a
+    pause signal or a next epoch that would not fit in its time limit writes the checkpoint and raises
+    RunPaused.  ``allow_precision_change``: resume a checkpoint trained in another precision (see
+    continue_precision).  Data-parallel (``dist`` of a torchrun job): every
     rank holds its block of the images (``data_on`` device or host, pipeline/shards.py), trains its slice of
     each global batch under DistributedDataParallel (+ SyncBatchNorm with ``sync_bn``); rank 0 reads the
     checkpoint and sends it to all, and alone writes checkpoints and the learning curve.
@@ -279,7 +320,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     device = resolve_device(device) if isinstance(device, str) else device
     _set_determinism(deterministic, device)
     ckpt_path = run_dir / "checkpoint.pt"
-    ident = run_identity(cfg)
+    pause = pause or PauseControl()
 
     torch.manual_seed(cfg["seed"])
     model = create_model(cfg["backbone"], dataset.num_classes).to(device)
@@ -298,20 +339,23 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         except Exception as e:
             raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(e).__name__}); delete it or use "
                             "--overwrite to retrain") from None
-        diff = identity_diff(ckpt.get("identity") or {}, cfg)
+        diff = identity_diff(ckpt.get("identity") or {}, cfg, allow_precision_change)
         if diff:
-            raise UserError(f"checkpoint {ckpt_path} was trained with a different configuration or data "
-                            f"(have, asked): {diff}; use another --run-name or --overwrite")
+            raise UserError(_refusal(f"checkpoint {ckpt_path}", diff))
         return ckpt
 
     ckpt = dist.on_main(load_checkpoint)  # every rank resumes from rank 0's checkpoint
+    precision = cfg["precision"]
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"].cpu())  # generator states are CPU byte tensors
         start_epoch, rows = ckpt["epoch"], ckpt["curve"]
-        log(f"resuming {run_dir.name} from epoch {start_epoch}/{cfg['epochs']}" if start_epoch < cfg["epochs"]
-            else f"reusing finished checkpoint {ckpt_path} ({start_epoch} epochs)")
+        precision = continue_precision(ckpt.get("identity") or {}, ckpt.get("precision_segments"), cfg,
+                                       start_epoch)
+        log(f"resuming {run_dir.name} from epoch {start_epoch}/{cfg['epochs']} ({precision})"
+            if start_epoch < cfg["epochs"] else f"reusing finished checkpoint {ckpt_path} ({start_epoch} epochs)")
+    ident = run_identity(cfg)
 
     epochs = cfg["epochs"]
     if start_epoch >= epochs:
@@ -329,7 +373,6 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     groups = class_groups(dataset.train_counts)
     n, bs = len(dataset.train.labels), cfg["batch_size"]
     iters_per_epoch = math.ceil(n / bs)
-    precision = cfg["precision"]
     ddp_model = wrap_ddp(model, dist, sync_bn)  # the model itself for one process
     step_model = torch.compile(ddp_model) if resolve_compile(cfg.get("compile", "off"), device) else ddp_model
     eval_every = int(cfg.get("eval_every") or 1)
@@ -339,12 +382,26 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         if not dist.is_main:  # rank 0 alone writes
             return
         state = dict(model=model.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
-                     epoch=epoch, curve=rows, identity=ident, config=cfg, torch=torch.__version__)
+                     epoch=epoch, curve=rows, identity=ident, config=cfg, torch=torch.__version__,
+                     precision_segments=cfg.get("precision_segments"))
         with atomic_path(ckpt_path, suffix=".pt") as tmp:
             torch.save(state, tmp)
 
     t_run = time.time()
+    train_secs, eval_secs = [], []  # this process's measured epoch parts: the estimate of the next epoch
+
+    def next_epoch_seconds(epoch):  # None before the first measured epoch: it always runs
+        if not train_secs:
+            return None
+        evals = epoch + 1 == epochs or (epoch + 1) % eval_every == 0
+        return max(train_secs[-5:]) + (max(eval_secs[-5:]) if evals and eval_secs else 0.0)
+
     for epoch in range(start_epoch, epochs):
+        why = _any_rank(dist, pause.reason(next_epoch_seconds(epoch)), device)
+        if why is not None:
+            if epoch > start_epoch:
+                save(epoch)
+            raise RunPaused(epoch, epochs, pause.elapsed(), why)
         t0 = time.time()
         model.train()
         perm = torch.randperm(n, device=device, generator=gen)
@@ -379,6 +436,8 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
             tot = dist.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)]))
             loss_sum, correct, seen = tot[0], tot[1], int(tot[2])
         last = epoch + 1 == epochs
+        train_secs.append(time.time() - t0)
+        t_eval = time.time()
         # test accuracy is a learning curve only: every eval_every epochs and at the last (the model), never
         # used to pick an epoch
         if last or (epoch + 1) % eval_every == 0:
@@ -388,6 +447,8 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
             else:
                 _, logits = predict_features(model, x_test, aug, precision=precision)
             acc = evaluate(logits.argmax(1), dataset.test.labels, groups)
+            eval_secs.append(time.time() - t_eval)
+            pause.eval_seconds_per_image = max(eval_secs[-5:]) / max(1, len(dataset.test.labels))
         else:
             acc = dict.fromkeys(("all", "many", "medium", "few"), float("nan"))
         row = dict(epoch=epoch + 1, lr=lr, train_loss=float(loss_sum) / max(seen, 1),
@@ -417,8 +478,12 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
 
 def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", precision="auto",
             deterministic=False, bn_recalibrate=False, overwrite=False, stop_after=None, log=print,
-            dist: Dist = SINGLE, data_on="auto", sync_bn="auto", **overrides) -> Path | None:
+            dist: Dist = SINGLE, data_on="auto", sync_bn="auto", time_limit: float | None = None,
+            started: float | None = None, allow_precision_change=False, **overrides) -> Path | None:
     """Stage 1 end to end.  Returns the path of features.h5 (None when stopped early by ``stop_after``).
+
+    ``time_limit`` (seconds from ``started``, a time.monotonic() value, default the call) and the pause
+    signals (pipeline/pause.py) end it early with the checkpoint written, by raising RunPaused.
 
     Under torchrun (``dist``) every rank calls this with the same arguments: rank 0 resolves the config
     (hashing the data once), checks the existing cache and alone writes; features are computed per rank
@@ -436,7 +501,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         cache_path = run_dir / "features.h5"
         if cache_path.exists() and not overwrite:
             have = read_cache(cache_path)
-            diff = identity_diff(have.provenance.get("config", {}), cfg)
+            diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
             if diff:
                 raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
                                 "use another --run-name / --cache-dir, or --overwrite to replace it")
@@ -467,10 +532,20 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         f"{cfg['batch_size']}, augment {cfg['augment']}, on {dev} ({cfg['precision']}){par}, data on {on} "
         f"-> {run_dir}")
     t0 = time.time()
-    model, rows = train(dataset, cfg, run_dir, dev, deterministic, stop_after, log, dist=dist, data_on=on,
-                        sync_bn=sync)
-    if model is None:
-        return None
+    pause = PauseControl(time_limit, started, log)
+    with pause:
+        model, rows = train(dataset, cfg, run_dir, dev, deterministic, stop_after, log, dist=dist, data_on=on,
+                            sync_bn=sync, pause=pause, allow_precision_change=allow_precision_change)
+        if model is None:
+            return None
+        # the features: every split once per variant, plus one recalibration pass over the training set
+        per_image = getattr(pause, "eval_seconds_per_image", None)
+        n_images = sum(len(sp.labels) for sp in dataset.splits().values()) * (1 + bn_recalibrate)
+        n_images += len(dataset.train.labels) * bn_recalibrate
+        why = _any_rank(dist, pause.reason(per_image * n_images if per_image else None), dev)
+        if why is not None:
+            raise RunPaused(cfg["epochs"], cfg["epochs"], pause.elapsed(), why,
+                            ", before extracting the features of the finished run")
     train_seconds = time.time() - t0
 
     aug = BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg["image_size"])
