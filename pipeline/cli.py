@@ -237,9 +237,14 @@ def pack_cache(cache, out, feature_dtype, checkpoint):
 @cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 def info(cache):
-    """Print a feature cache's provenance, splits and class groups."""
+    """Print a feature cache's provenance, splits and class groups (or an in-flight run's progress)."""
     from .cache import read_cache
     from .metrics import fmt_acc
+    run_dir = Path(cache)
+    if run_dir.is_dir() and not (run_dir / "features.h5").exists() and (run_dir / "checkpoint.pt").exists():
+        from .inflight import describe, run_progress
+        click.echo(describe(run_progress(run_dir)))
+        return
     c = read_cache(cache)
     p = c.provenance
     click.echo(f"{c.path}  fingerprint {c.fingerprint}")
@@ -257,6 +262,24 @@ def info(cache):
     if acc:
         click.echo("  stage-1 softmax test accuracy: " +
                    "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
+
+@cli.command()
+@click.option("--cache-root", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
+def runs(cache_root):
+    """List the stage-1 runs under --cache-root: finished caches and in-flight checkpoints with progress."""
+    from .inflight import describe, run_progress
+    if not Path(cache_root).is_dir():
+        raise UserError(f"--cache-root {cache_root} is not a folder")
+    found = 0
+    for d in sorted(p for p in Path(cache_root).iterdir() if p.is_dir()):
+        if (d / "features.h5").exists():
+            found += 1
+            click.echo(f"{d.name}: finished (features.h5)")
+        elif (d / "checkpoint.pt").exists():
+            found += 1
+            click.echo(describe(run_progress(d)))
+    if not found:
+        click.echo(f"no stage-1 runs under {cache_root}")
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""Stage-1 runs under a cache root: finished (a features.h5) or in flight (a checkpoint.pt, no cache yet),
+with the progress of the in-flight ones (epoch e/N and the time left at the recent epochs' pace)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .pause import fmt_duration
+
+PACE_EPOCHS = 10  # the time left is estimated from the mean duration of the last 10 epochs
+
+
+def run_progress(run_dir) -> dict | None:
+    """Progress of the stage-1 run in ``run_dir`` from its checkpoint (None when it has none)."""
+    import torch
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.exists():
+        return None
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg, curve = ck.get("config") or {}, ck.get("curve") or []
+    epoch, epochs = int(ck["epoch"]), int(cfg.get("epochs") or ck["epoch"])
+    recent = [float(r["seconds"]) for r in curve[-PACE_EPOCHS:] if r.get("seconds") is not None]
+    pace = sum(recent) / len(recent) if recent else None
+    tested = [r for r in curve if r.get("all") is not None and not math.isnan(float(r["all"]))]
+    return dict(run=run_dir.name, epoch=epoch, epochs=epochs, finished_training=epoch >= epochs,
+                has_cache=(run_dir / "features.h5").exists(), seconds_per_epoch=pace,
+                eta_seconds=pace * (epochs - epoch) if pace is not None else None,
+                precision=cfg.get("precision"), precision_segments=ck.get("precision_segments"),
+                last_test=dict(epoch=tested[-1]["epoch"], all=tested[-1]["all"]) if tested else None,
+                iterations=cfg.get("iterations"), steps_per_epoch=cfg.get("steps_per_epoch"))
+
+
+def in_flight(cache_root) -> list[dict]:
+    """Progress of every run under ``cache_root`` that has a checkpoint but no features.h5 yet."""
+    root = Path(cache_root)
+    runs = [run_progress(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    return [p for p in runs if p is not None and not p["has_cache"]]
+
+
+def describe(p: dict) -> str:
+    """One line: 'RUN: in flight, epoch e/N (x%), ~T left at S s/epoch (the last 10 epochs' pace) ...'."""
+    pct = 100.0 * p["epoch"] / max(1, p["epochs"])
+    if p["finished_training"]:
+        line = f"{p['run']}: training finished ({p['epoch']}/{p['epochs']} epochs), features not extracted yet"
+    else:
+        line = f"{p['run']}: in flight, epoch {p['epoch']}/{p['epochs']} ({pct:.0f}%)"
+        if p["eta_seconds"] is not None:
+            line += (f", ~{fmt_duration(p['eta_seconds'])} left at {p['seconds_per_epoch']:.0f} s/epoch "
+                     f"(the last epochs' pace on the machine that ran them)")
+    if p["last_test"]:
+        line += f"; test All {p['last_test']['all']:.1f} at epoch {p['last_test']['epoch']}"
+    if p["precision_segments"]:
+        line += "; precision " + ", ".join(f"{prec} from epoch {e}" for e, prec in p["precision_segments"])
+    return line

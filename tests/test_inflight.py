@@ -1,0 +1,33 @@
+"""In-flight stage-1 runs are listed with their progress (`pipeline runs`, `pipeline info <run>`)."""
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.inflight import describe, in_flight, run_progress
+from pipeline.train import resolve_config, train
+
+from .conftest import tiny_dataset
+
+
+def test_in_flight_run_progress_and_listing(tmp_path):
+    ds = tiny_dataset()
+    cfg = resolve_config(ds, epochs=5, batch_size=8, warmup_epochs=1, precision="fp32", seed=0, eval_every=2)
+    train(ds, cfg, tmp_path / "run-a", "cpu", stop_after=3, log=lambda *a: None)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "features.h5").write_bytes(b"")  # a finished run is not in flight
+    p = run_progress(tmp_path / "run-a")
+    assert (p["epoch"], p["epochs"], p["finished_training"], p["has_cache"]) == (3, 5, False, False)
+    # the time left is the mean of the recorded epoch durations times the epochs left
+    import torch
+    secs = [r["seconds"] for r in torch.load(tmp_path / "run-a" / "checkpoint.pt", weights_only=False)["curve"]]
+    assert abs(p["eta_seconds"] - 2 * sum(secs) / 3) < 1e-9
+    assert p["last_test"]["epoch"] == 2  # epochs 1 and 3 were not evaluated (eval_every 2)
+    assert [q["run"] for q in in_flight(tmp_path)] == ["run-a"]
+    line = describe(p)
+    assert "run-a: in flight, epoch 3/5 (60%)" in line and "left at" in line
+
+    r = CliRunner().invoke(cli, ["runs", "--cache-root", str(tmp_path)])
+    assert r.exit_code == 0 and "run-a: in flight, epoch 3/5" in r.output and "done: finished" in r.output
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "run-a")])
+    assert r.exit_code == 0 and "epoch 3/5" in r.output
+    r = CliRunner().invoke(cli, ["runs", "--cache-root", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and r.output.startswith("Error:")
