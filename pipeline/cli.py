@@ -79,6 +79,24 @@ class TauNormP(click.ParamType):
 DEVICE = Device()
 
 
+class RunName(click.ParamType):
+    """A run folder name: one plain path component (no '/', not '.' or '..'), so it stays under --cache-dir
+    where run_all.sh and `pipeline report` look for it."""
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        v = str(value)
+        if not v or v in (".", "..") or "/" in v or "\\" in v or v.startswith("-") or v != v.strip():
+            self.fail(f"must be one plain folder name (no '/', not '.' or '..'), got {value!r}", param, ctx)
+        return v
+
+
+POSITIVE_INT = click.IntRange(min=1)
+NONNEG_INT = click.IntRange(min=0)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NONNEG = click.FloatRange(min=0)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -103,27 +121,27 @@ def cli():
 @click.option("--dataset", required=True, type=click.Choice(DATASETS), help="Long-tailed dataset to build.")
 @click.option("--data-root", required=True, type=click.Path(path_type=Path),
               help="CIFAR python folder or ImageFolder root (train/, test/); split files for *-lt lists.")
-@click.option("--imbalance", type=float, default=100.0, help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
-@click.option("--subset-seed", type=int, default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
+@click.option("--imbalance", type=click.FloatRange(min=1), default=100.0, help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
+@click.option("--subset-seed", type=click.IntRange(0, 2**32 - 1), default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
 @click.option("--backbone", type=LazyChoice(_models), default=None,
               help="Default: resnet32 for CIFAR, resnet10 otherwise.")
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
               help="Named stage-1 recipe (config.RECIPES); flags below override its fields.  "
                    "[default: paper (CIFAR) / decoupling (others)]")
-@click.option("--iterations", type=int, default=None,
+@click.option("--iterations", type=POSITIVE_INT, default=None,
               help="Budget in iterations (epochs = ceil(iterations / steps per epoch)).  [default: recipe's]")
-@click.option("--epochs", type=int, default=None, help="Budget in epochs (instead of --iterations).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--warmup-epochs", type=int, default=None)
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Budget in epochs (instead of --iterations).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Global batch (BatchNorm needs >= 2).")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate.")
+@click.option("--weight-decay", type=NONNEG, default=None)
+@click.option("--warmup-epochs", type=NONNEG_INT, default=None)
 @click.option("--augment", type=click.Choice(AUGMENT_KINDS), default=None,
               help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; imagenet = random-resized-crop+flip.")
-@click.option("--eval-every", type=int, default=None,
+@click.option("--eval-every", type=POSITIVE_INT, default=None,
               help="Test-set learning-curve point every N epochs (always the last).  [default: ~50 points]")
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
               help="torch.compile the train step (auto = on CUDA only).")
-@click.option("--seed", type=int, default=0, help="Training seed (init, shuffling, augmentation).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Training seed (init, shuffling, augmentation).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
               help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
@@ -131,7 +149,7 @@ def cli():
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
-@click.option("--run-name", default=None,
+@click.option("--run-name", type=RunName(), default=None,
               help="Folder under --cache-dir (default <dataset>-b<beta>-<backbone>-<recipe>-s<seed>).")
 @click.option("--download", is_flag=True, help="Download CIFAR with torchvision into --data-root if absent.")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
@@ -139,9 +157,9 @@ def cli():
 @click.option("--train-split", type=click.Path(path_type=Path), default=None)
 @click.option("--val-split", type=click.Path(path_type=Path), default=None)
 @click.option("--test-split", type=click.Path(path_type=Path), default=None)
-@click.option("--image-size", type=int, default=None, help="Resize/crop side for non-CIFAR data (default 224).")
-@click.option("--train-limit", type=int, default=None, help="Tiny runs: first k source images per class.")
-@click.option("--test-limit", type=int, default=None, help="Tiny runs: first k test images per class.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Resize/crop side for non-CIFAR data (default 224).")
+@click.option("--train-limit", type=POSITIVE_INT, default=None, help="Tiny runs: first k source images per class.")
+@click.option("--test-limit", type=POSITIVE_INT, default=None, help="Tiny runs: first k test images per class.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
 @click.option("--sync-bn", type=click.Choice(["auto", "on", "off"]), default="auto",
               help="Under torchrun: SyncBatchNorm (BN statistics over the global batch).  auto = on for "
@@ -288,15 +306,15 @@ def runs(cache_root):
 @click.option("--cache", "cache_path", required=True, type=click.Path(path_type=Path),
               help="Run folder or its features.h5 (from `pipeline extract`).")
 @click.option("--head", required=True, type=LazyChoice(_heads), help="Classifier head to fit.")
-@click.option("--tau", type=float, default=None,
+@click.option("--tau", type=NONNEG, default=None,
               help="Logit-adjustment weight (>= 0). Default 0; 1 for posthoc-la.  [default: head's]")
 @click.option("--variant", type=click.Choice(VARIANTS), default="plain",
               help="Feature variant: as extracted, or after BatchNorm re-estimation.")
-@click.option("--seed", type=int, default=0, help="Seed of sampling and initialisation.")
-@click.option("--epochs", type=int, default=None, help="Default 30 (NCM heads) / 10 (crt) / 5 (lws).")
-@click.option("--batch-size", type=int, default=None, help="Default 512.")
-@click.option("--lr", type=float, default=None, help="Default 5 (NCM heads) / 0.2 (crt, lws).")
-@click.option("--num-centroids", type=int, default=None, help="multi-ncm displacements K (default 20).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Seed of sampling and initialisation.")
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Default 30 (NCM heads) / 10 (crt) / 5 (lws).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help="Default 512.")
+@click.option("--lr", type=POSITIVE, default=None, help="Default 5 (NCM heads) / 0.2 (crt, lws).")
+@click.option("--num-centroids", type=POSITIVE_INT, default=None, help="multi-ncm displacements K (default 20).")
 @click.option("--metric", type=click.Choice(METRIC_KINDS), default=None,
               help="metric-ncm: one W or one W_y per class (default global).")
 @click.option("--distance", type=click.Choice(METRIC_DISTANCES), default=None,
@@ -337,7 +355,7 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
 @click.option("--cache-root", default="cache", help="Folder holding <run>/features.h5 and <run>/results.csv.")
 @click.option("--out", default="reports", help="Where the tables, figures and README.md are written.")
 @click.option("--no-figures", is_flag=True, help="Tables and README only (no t-SNE / variance analysis).")
-@click.option("--tolerance", type=float, default=1.0, help="Points within which a paper cell counts as reproduced.")
+@click.option("--tolerance", type=NONNEG, default=1.0, help="Points within which a paper cell counts as reproduced.")
 @click.option("--data-root", "data_roots", multiple=True, metavar="DATASET=DIR",
               help="Data root written into the `pipeline extract` commands of cells not run (repeatable).")
 @click.option("--list-missing", is_flag=True,

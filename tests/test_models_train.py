@@ -236,7 +236,7 @@ def test_cli_bad_inputs_leave_files_untouched(tmp_path):
         assert len(err) == 1 and needle in err[0], r.output
 
     check(["--data-root", str(tmp_path / "missing")], "does not exist")
-    check(["--data-root", str(tmp_path), "--imbalance", "0.5"], ">= 1")
+    check(["--data-root", str(tmp_path), "--imbalance", "0.5"], "x>=1")
     r = runner.invoke(cli, ["extract", "--dataset", "mnist-lt", "--data-root", str(tmp_path)])
     assert r.exit_code != 0 and "Invalid value for '--dataset'" in r.output
     blocker = tmp_path / "file.txt"
