@@ -254,38 +254,48 @@ def pack_cache(cache, out, feature_dtype, checkpoint):
 
 @cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
-def info(cache):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def info(cache, as_json):
     """Print a feature cache's provenance, splits and class groups (or an in-flight run's progress)."""
+    import json
     from .cache import read_cache
     from .metrics import fmt_acc
+    from .runinfo import cache_summary, describe, run_progress
     run_dir = Path(cache)
     if run_dir.is_dir() and not (run_dir / "features.h5").exists() and (run_dir / "checkpoint.pt").exists():
-        from .inflight import describe, run_progress
-        click.echo(describe(run_progress(run_dir)))
+        prog = run_progress(run_dir)
+        click.echo(json.dumps(prog, default=str) if as_json else describe(prog))
         return
-    c = read_cache(cache)
-    p = c.provenance
-    click.echo(f"{c.path}  fingerprint {c.fingerprint}")
-    click.echo(f"  {p.get('dataset')} beta={p.get('imbalance')} {p.get('backbone')} {p.get('epochs')} epochs "
-               f"seed {p.get('seed')}  ({p.get('data_source')})")
-    click.echo(f"  commit {p.get('git_commit')}  torch {p.get('torch_version')}  created {p.get('created')}")
-    for v in c.variants:
-        for s in c.splits(v):
-            x, _ = c.split(s, v)
-            click.echo(f"  {v}/{s}: {x.shape[0]} x {x.shape[1]}")
-    n = [int((c.groups == g).sum()) for g in range(3)]
-    click.echo(f"  classes {c.num_classes}: Many {n[0]} / Medium {n[1]} / Few {n[2]}; "
-               f"train images {int(c.train_counts.sum())}")
-    acc = p.get("final_test_accuracy") or {}
+    s = cache_summary(read_cache(cache))
+    if as_json:
+        click.echo(json.dumps(s, default=str))
+        return
+    click.echo(f"{s['path']}  fingerprint {s['fingerprint']}")
+    budget = f"{s['epochs']} epochs" + (f" x {s['steps_per_epoch']} iterations" if s["steps_per_epoch"] else "")
+    limits = "".join(f", {k.replace('_', '-')} {s[k]}" for k in ("train_limit", "test_limit") if s[k])
+    click.echo(f"  {s['dataset']} beta={s['imbalance']} {s['backbone']} recipe {s['recipe']}: {budget} of batch "
+               f"{s['batch_size']}, augment {s['augment']}, {s['precision']}, seed {s['seed']}{limits}  "
+               f"({s['data_source']})")
+    if s["precision_segments"]:
+        click.echo("  precision " + ", ".join(f"{p} from epoch {e}" for e, p in s["precision_segments"]))
+    click.echo(f"  commit {s['git_commit']}  torch {s['torch_version']}  created {s['created']}")
+    for key, shape in s["shapes"].items():
+        click.echo(f"  {key}: {shape[0]} x {shape[1]}")
+    g = s["groups"]
+    click.echo(f"  classes {s['num_classes']}: Many {g['many']} / Medium {g['medium']} / Few {g['few']}; "
+               f"train images {s['train_images']}")
+    acc = s["final_test_accuracy"] or {}
     if acc:
-        click.echo("  stage-1 softmax test accuracy: " +
+        click.echo(f"  last learning-curve point (test, {s['precision']} as trained; the softmax head re-evaluates "
+                   "in fp32): " +
                    "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
+
 
 @cli.command()
 @click.option("--cache-root", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
 def runs(cache_root):
     """List the stage-1 runs under --cache-root: finished caches and in-flight checkpoints with progress."""
-    from .inflight import describe, run_progress
+    from .runinfo import describe, run_progress
     if not Path(cache_root).is_dir():
         raise UserError(f"--cache-root {cache_root} is not a folder")
     found = 0

@@ -2,7 +2,7 @@
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.inflight import describe, in_flight, run_progress
+from pipeline.runinfo import describe, in_flight, run_progress
 from pipeline.train import resolve_config, train
 
 from .conftest import tiny_dataset
@@ -31,3 +31,20 @@ def test_in_flight_run_progress_and_listing(tmp_path):
     assert r.exit_code == 0 and "epoch 3/5" in r.output
     r = CliRunner().invoke(cli, ["runs", "--cache-root", str(tmp_path / "nope")])
     assert r.exit_code == 2 and r.output.startswith("Error:")
+
+
+def test_info_json_of_a_finished_cache(tmp_path):
+    import json
+    from pipeline.synthetic import make_synthetic_cache
+    (tmp_path / "r").mkdir()
+    path = make_synthetic_cache(tmp_path / "r" / "features.h5")
+    r = CliRunner().invoke(cli, ["info", "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    from pipeline.cache import read_cache
+    c = read_cache(path)
+    assert s["fingerprint"] == c.fingerprint and s["num_classes"] == c.num_classes
+    assert s["shapes"]["plain/train"] == list(c.split("train")[0].shape)
+    assert sum(s["groups"].values()) == c.num_classes and s["train_images"] == int(c.train_counts.sum())
+    text = CliRunner().invoke(cli, ["info", str(path)]).output
+    assert c.fingerprint in text and "classes" in text

@@ -1,5 +1,5 @@
-"""Stage-1 runs under a cache root: finished (a features.h5) or in flight (a checkpoint.pt, no cache yet),
-with the progress of the in-flight ones (epoch e/N and the time left at the recent epochs' pace)."""
+"""What a stage-1 run folder holds: a finished cache (its summary, `pipeline info`) or a run in flight (a
+checkpoint.pt and no cache yet: epoch e/N and the time left at the recent epochs' pace, `pipeline runs`)."""
 from __future__ import annotations
 
 import math
@@ -53,3 +53,21 @@ def describe(p: dict) -> str:
     if p["precision_segments"]:
         line += "; precision " + ", ".join(f"{prec} from epoch {e}" for e, prec in p["precision_segments"])
     return line
+
+
+def cache_summary(cache) -> dict:
+    """The facts `pipeline info` prints about a finished cache (a FeatureCache), as plain JSON types."""
+    p, cfg = cache.provenance, cache.provenance.get("config") or {}
+    n = [int((cache.groups == g).sum()) for g in range(3)]
+    shapes = {f"{v}/{s}": list(cache.split(s, v)[0].shape) for v in cache.variants for s in cache.splits(v)}
+    return dict(
+        path=str(cache.path), fingerprint=cache.fingerprint, dataset=p.get("dataset"),
+        imbalance=p.get("imbalance"), backbone=p.get("backbone"), seed=p.get("seed"), recipe=cfg.get("recipe"),
+        epochs=p.get("epochs"), iterations=cfg.get("iterations"), steps_per_epoch=cfg.get("steps_per_epoch"),
+        batch_size=cfg.get("batch_size"), augment=cfg.get("augment"), precision=cfg.get("precision"),
+        precision_segments=cfg.get("precision_segments"), train_limit=cfg.get("train_limit"),
+        test_limit=cfg.get("test_limit"), data_source=p.get("data_source"), git_commit=p.get("git_commit"),
+        torch_version=p.get("torch_version"), created=p.get("created"), device=p.get("device"),
+        variants=list(cache.variants), shapes=shapes, num_classes=int(cache.num_classes),
+        groups=dict(many=n[0], medium=n[1], few=n[2]), train_images=int(cache.train_counts.sum()),
+        bn_recal_method=p.get("bn_recal_method"), final_test_accuracy=p.get("final_test_accuracy"))
