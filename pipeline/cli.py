@@ -223,8 +223,8 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
               help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")
 def pack_cache(cache, out, feature_dtype, checkpoint):
     """Rewrite a cache gzip-compressed with its model weights (for shipping in git); same fingerprint."""
-    from .cache import read_cache, repack_cache
-    src = Path(cache) / "features.h5" if Path(cache).is_dir() else Path(cache)
+    from .cache import cache_file, read_cache, repack_cache
+    src = cache_file(cache)
     if Path(out).resolve() == src.resolve():
         raise UserError("--out must differ from the source cache")
     check_writable_dir(Path(out).parent, "--out")

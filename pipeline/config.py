@@ -11,6 +11,7 @@ from __future__ import annotations
 SCHEMA_VERSION = 2  # 2: fingerprint = run_identity + weights hash; optional model/ group; gzip datasets
 VARIANTS = ("plain", "bn_recal")  # features straight from the checkpoint / after post-hoc BN re-estimation
 SPLITS = ("train", "val", "test")
+FEATURE_DTYPES = ("float32", "float16")  # how features are stored (read back as float32); `pack-cache --feature-dtype`
 
 # Many / Medium / Few thresholds of the paper (Sec. 5.1 and Table 4): Many >= 100 train images,
 # Few < 20, Medium otherwise.  (Decoupling's code uses "> 100" for Many; the paper's table follows >= 100.)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import BatchAugment
-from .cache import fingerprint, read_cache, run_name, write_cache
+from .cache import CACHE_FILE, fingerprint, read_cache, run_name, weights_sha256, write_cache
 from .config import (CHECKPOINT_EVERY, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, IMAGE_SIZE, RECIPES,
                      RUN_IDENTITY, run_identity)
 from .data import LTDataset
@@ -253,17 +253,6 @@ def continue_precision(ckpt_identity: dict, ckpt_segments, cfg: dict, start_epoc
     return train_precision
 
 
-def weights_sha256(model) -> str:
-    """Hash of the model's tensors (parameters and buffers): identifies the weights themselves, unlike the
-    checkpoint file's hash, which also covers optimizer state and wall-clock timings."""
-    import hashlib
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _set_determinism(deterministic: bool, device):
     if deterministic:
         if device.type == "cuda":
@@ -480,7 +469,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
             deterministic=False, bn_recalibrate=False, overwrite=False, stop_after=None, log=print,
             dist: Dist = SINGLE, data_on="auto", sync_bn="auto", time_limit: float | None = None,
             started: float | None = None, allow_precision_change=False, **overrides) -> Path | None:
-    """Stage 1 end to end.  Returns the path of features.h5 (None when stopped early by ``stop_after``).
+    """Stage 1 end to end.  Returns the path of the cache (None when stopped early by ``stop_after``).
 
     ``time_limit`` (seconds from ``started``, a time.monotonic() value, default the call) and the pause
     signals (pipeline/pause.py) end it early with the checkpoint written, by raising RunPaused.
@@ -498,7 +487,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         run_dir = check_writable_dir(Path(cache_dir) / (run or run_name(dataset.name, dataset.imbalance,
                                                                           cfg["backbone"], cfg["seed"],
                                                                           cfg["recipe"])))
-        cache_path = run_dir / "features.h5"
+        cache_path = run_dir / CACHE_FILE
         if cache_path.exists() and not overwrite:
             have = read_cache(cache_path)
             diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
@@ -516,7 +505,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         return cfg, sync, run_dir, False
 
     cfg, sync, run_dir, done = dist.on_main(prepare)
-    cache_path = run_dir / "features.h5"
+    cache_path = run_dir / CACHE_FILE
     if done:
         return cache_path
     with dist.agreed():  # where this rank's blocks of the train and test images live
