@@ -5,8 +5,9 @@ Bad input raises pipeline.utils.UserError anywhere below; it is printed here as 
 
 Only light modules are imported here (no torch, h5py, pandas or matplotlib), so that `pipeline --help` and
 option errors answer at once; each command imports the heavy module that does its work when it runs.
-Option choices come from the registries and constants themselves (heads, models, datasets, variants,
-eval splits), the torch-backed registries through :class:`LazyChoice`.
+Option choices come from the registries and constants themselves (heads, models, datasets, recipes,
+augmentations, precisions, compile / SyncBN / data placement modes, feature dtypes, variants, eval splits,
+the device pattern), the torch-backed registries through :class:`LazyChoice`.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from .config import (AUGMENT_KINDS, EVAL_SPLITS, METRIC_DISTANCES, METRIC_KINDS, RECIPES, SUBSET_SEED,
-                     VARIANTS)
+from .config import (AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES,
+                     METRIC_KINDS, PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
 from .data import DATASETS
-from .utils import UserError, check_writable_dir
+from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
 
 
 class LazyChoice(click.Choice):
@@ -55,9 +56,9 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
-        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+        if re.fullmatch(DEVICE_PATTERN, str(value)):
             return str(value)
-        self.fail(f"must be auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
+        self.fail(f"must be {DEVICE_HELP}, got {value!r}", param, ctx)
 
 
 class TauNormP(click.ParamType):
@@ -121,14 +122,14 @@ def cli():
               help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; imagenet = random-resized-crop+flip.")
 @click.option("--eval-every", type=int, default=None,
               help="Test-set learning-curve point every N epochs (always the last).  [default: ~50 points]")
-@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto",
               help="torch.compile the train step (auto = on CUDA only).")
 @click.option("--seed", type=int, default=0, help="Training seed (init, shuffling, augmentation).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
               help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
 @click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
 @click.option("--run-name", default=None,
@@ -143,10 +144,10 @@ def cli():
 @click.option("--train-limit", type=int, default=None, help="Tiny runs: first k source images per class.")
 @click.option("--test-limit", type=int, default=None, help="Tiny runs: first k test images per class.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
-@click.option("--sync-bn", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--sync-bn", type=click.Choice(SYNC_BN_MODES), default="auto",
               help="Under torchrun: SyncBatchNorm (BN statistics over the global batch).  auto = on for "
                    "ResNet-32 or a per-rank batch < 32.")
-@click.option("--data-on", type=click.Choice(["auto", "device", "host"]), default="auto",
+@click.option("--data-on", type=click.Choice(DATA_ON), default="auto",
               help="Where each rank keeps its block of the uint8 images: the training device, or pinned host "
                    "memory streamed per batch.  auto = device when it fits.")
 @click.option("--time-limit", default=None, metavar="DURATION",
@@ -217,7 +218,7 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
 @cli.command("pack-cache")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the packed features.h5.")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=FEATURE_DTYPES[0],
               help="float16 halves the size but moves some heads by > 0.1 point (see tests/test_cache.py).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")

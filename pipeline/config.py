@@ -63,7 +63,6 @@ RECIPES = {
                        weight_decay=5e-4, warmup_epochs=5, schedule="cosine", augment="imagenet"),
 }
 DEFAULT_RECIPE = {"cifar": "paper", "imagenet": "decoupling"}
-TRAIN_DEFAULTS = {fam: RECIPES[name] for fam, name in DEFAULT_RECIPE.items()}  # the default recipe per family
 IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 
 # AutoAugment + Cutout ("cifar-autoaug"): torchvision's AutoAugmentPolicy.CIFAR10 sub-policies and magnitude
@@ -100,6 +99,14 @@ def recipe_identity(cfg: dict) -> dict:
     (the report averages them)."""
     return {k: v for k, v in run_identity(cfg).items() if k not in ("seed", "precision")}
 
+
+# Stage-1 switches that do not change the identity, or do only through a resolved value (the choices of
+# `pipeline extract`): training precision (auto = bf16 where the device has native bf16), torch.compile of the
+# train step, SyncBatchNorm under torchrun, where each rank keeps its images
+PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "on", "off")
+SYNC_BN_MODES = ("auto", "on", "off")
+DATA_ON = ("auto", "device", "host")
 
 EVAL_POINTS = 50  # default --eval-every: about this many test evaluations per run (always the last epoch)
 CHECKPOINT_EVERY = 5  # epochs between atomic checkpoints (the final epoch is always saved)

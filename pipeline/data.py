@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
+from .config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
 from .utils import UserError
 
 CIFAR_DATASETS = ("cifar10-lt", "cifar100-lt", "cifar20-lt")
@@ -302,7 +302,7 @@ def split_class_names(paths, labels) -> list:
     return [n if n is not None else str(c) for c, n in enumerate(names)]
 
 
-def load_split_files(name: str, image_root, train_file, val_file, test_file, image_size=224,
+def load_split_files(name: str, image_root, train_file, val_file, test_file, image_size=IMAGE_SIZE["imagenet"],
                      resize=None) -> LTDataset:
     image_root = Path(image_root)
     if not image_root.exists():
@@ -383,4 +383,4 @@ def load_dataset(name: str, data_root, imbalance: float = 100.0, subset_seed: in
     for i in (1, 2):  # a default val/test list that is absent is optional (iNaturalist has no test list)
         if split_files[i] is None and files[i] is not None and not files[i].exists():
             files[i] = None
-    return load_split_files(name, image_root or data_root, *files, image_size=image_size or 224)
+    return load_split_files(name, image_root or data_root, *files, image_size=image_size or IMAGE_SIZE["imagenet"])

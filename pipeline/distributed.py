@@ -29,11 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .config import SYNC_BN_MODES
 from .utils import UserError, resolve_device
 
-SYNC_BN_MODES = ("auto", "on", "off")
 SMALL_RANK_BATCH = 32  # --sync-bn auto turns SyncBN on when the per-rank batch falls below this
 
 

@@ -95,7 +95,8 @@ import torch.nn.functional as F
 
 from .analysis import cdnv as _cdnv
 from .config import HEAD_DEFAULTS, METRIC_DISTANCES, METRIC_KINDS, TAU_NORM_P_GRID
-from .utils import UserError
+from .metrics import balanced_accuracy
+from .utils import UserError, cpu_has_bf16
 
 # ----------------------------------------------------------------------------------------------------
 # Registry
@@ -444,22 +445,6 @@ def ncm_loss_bf16(xa, y, mu_c, offsets=None, mua_buf=None, grad_floor=None):
     return _NCMCrossEntropyBF16.apply(mu_c, xa, y, offsets, mua_buf, grad_floor)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products natively (else torch emulates them, slower than fp32)."""
-    global _CPU_BF16
-    if _CPU_BF16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(f.read().split())
-        except OSError:
-            flags = set()
-        _CPU_BF16 = bool(flags & {"avx512_bf16", "amx_bf16"})
-    return _CPU_BF16
-
-
-_CPU_BF16 = None
-
-
 def resolve_matmul(mode: str, device) -> str:
     """The GEMM precision a fit uses: "bf16" or "fp32" (``mode`` "auto": bf16 only on a bf16-capable CPU)."""
     if mode != "auto":
@@ -695,13 +680,6 @@ def tau_norm_weight(W: torch.Tensor, p: float) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).pow(p)
 
 
-def _balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
-    """Mean per-class accuracy over the classes present in ``y`` (the report's "All")."""
-    hit = torch.bincount(y, weights=(pred == y).double(), minlength=num_classes)
-    n = torch.bincount(y, minlength=num_classes).double()
-    return float((hit[n > 0] / n[n > 0]).mean())
-
-
 @register_head("tau-norm", defaults=dict(p=1.0), needs_val=lambda hp: hp["p"] == "auto")
 def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Decoupling's tau-normalised classifier x . (W/||W||^p)^T, no bias; p = "auto": best p on val."""
@@ -709,8 +687,9 @@ def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     chosen, extra = {}, {}
     p = hp["p"]
     if p == "auto":  # Decoupling's sweep, scored on the val split only (never on the test split)
-        accs = [_balanced_accuracy((data.val_x @ tau_norm_weight(W, q).t()).argmax(1), data.val_y,
-                                   data.num_classes) for q in TAU_NORM_P_GRID]
+        val_y = _np(data.val_y)
+        accs = [balanced_accuracy(_np((data.val_x @ tau_norm_weight(W, q).t()).argmax(1)), val_y,
+                                  data.num_classes) for q in TAU_NORM_P_GRID]
         p = TAU_NORM_P_GRID[int(np.argmax(accs))]  # ties: the smallest p
         chosen = dict(p=p, p_select="val")
         extra = dict(p_grid=np.asarray(TAU_NORM_P_GRID), p_val_acc=np.asarray(accs))

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .config import DATA_ON
 from .distributed import SINGLE, Dist
 from .utils import UserError
 
-DATA_ON = ("auto", "device", "host")
 DEVICE_HEADROOM = 0.25  # --data-on auto: the data may use at most this much less than the free device memory
 
 
@@ -77,10 +77,6 @@ class Shard:
         """The whole block as NCHW (channels_last), where it lives."""
         return self.nhwc.permute(0, 3, 1, 2)
 
-    @property
-    def nbytes(self) -> int:
-        return self.nhwc.numel()
-
     def _gather_rows(self, rows: np.ndarray) -> torch.Tensor:
         """Rows (block-local indices) as a contiguous NHWC tensor on the device."""
         if self.on == "device":
@@ -129,10 +125,6 @@ class Shard:
         out = torch.empty_like(recv)
         out[order] = recv
         return out
-
-    def slice_of(self, b: int) -> tuple[int, int]:
-        """Positions [lo, hi) of a global batch of b that this rank trains on."""
-        return self.dist.block(b)
 
 
 def _np(idx) -> np.ndarray:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch.nn.functional as F
 
 from .augment import BatchAugment
 from .cache import CACHE_FILE, fingerprint, read_cache, run_name, weights_sha256, write_cache
-from .config import (CHECKPOINT_EVERY, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, IMAGE_SIZE, RECIPES,
-                     RUN_IDENTITY, run_identity)
+from .config import (CHECKPOINT_EVERY, COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, PRECISIONS,
+                     RECIPES, RUN_IDENTITY, run_identity)
 from .data import LTDataset
 from .distributed import (SINGLE, Dist, bn_groups, convert_sync_bn, resolve_sync_bn, revert_sync_bn,
                           wrap_ddp)
@@ -33,7 +32,7 @@ from .metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
 from .pause import PauseControl, RunPaused
 from .shards import Shard, resolve_data_on
-from .utils import (UserError, atomic_path, check_writable_dir, git_commit, now_iso, resolve_device,
+from .utils import (UserError, atomic_path, check_writable_dir, cpu_has_bf16, git_commit, now_iso, resolve_device,
                     sha256_file)
 
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "all", "many", "medium", "few", "seconds")
@@ -43,15 +42,13 @@ BN_RECAL_METHOD = f"swa_utils.update_bn over a fixed permutation of the training
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """bf16 autocast on GPUs that support it and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
-    except OSError:
-        flags = ""
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def data_hash(dataset: LTDataset) -> str:
@@ -273,8 +270,8 @@ def resolve_compile(compile_mode: str, device) -> bool:
     """--compile auto: torch.compile the train step on CUDA only.  On these 2-core CPUs the compiled ResNet-32
     step measured no reliable gain over eager bf16 channels_last (benchmarks/stage1_throughput.py --compile)
     while costing a minute of compilation, so auto leaves it off there."""
-    if compile_mode not in ("auto", "on", "off"):
-        raise UserError(f"--compile must be auto, on or off, got {compile_mode!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if compile_mode == "auto":
         return torch.device(device).type == "cuda"
     return compile_mode == "on"

@@ -200,10 +200,10 @@ def test_one_sample_classes_keep_the_autograd_fit(tmp_path, matmul):
 
 def test_matmul_choice_is_recorded_and_falls_back_without_bf16(monkeypatch, tmp_path):
     c = read_cache(make_synthetic_cache(tmp_path / "f.h5", num_classes=5, dim=8, bn_recal=False))
-    monkeypatch.setattr(heads, "_CPU_BF16", False)
+    monkeypatch.setattr(heads, "cpu_has_bf16", lambda: False)
     assert fit_head(c, "learned-ncm", epochs=1, device="cpu").hparams["matmul"] == "fp32"
     assert fit_head(c, "multi-ncm", epochs=1, num_centroids=2, device="cpu").hparams["matmul"] == "fp32"
-    monkeypatch.setattr(heads, "_CPU_BF16", True)
+    monkeypatch.setattr(heads, "cpu_has_bf16", lambda: True)
     assert fit_head(c, "learned-ncm", epochs=1, device="cpu").hparams["matmul"] == "bf16"
     r = fit_head(c, "learned-ncm", epochs=1, device="cpu", matmul="fp32")
     assert r.hparams["matmul"] == "fp32"

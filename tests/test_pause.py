@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
-from pipeline.train import extract, resolve_config, train
+from pipeline.train import resolve_config, train
 from pipeline.utils import UserError
 
 from .conftest import tiny_dataset, write_cifar_python
