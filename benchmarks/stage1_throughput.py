@@ -3,7 +3,7 @@
 All loops train the same model (ResNet-32 by default) with the same batch size (512), precision, optimiser
 and channels_last layout on the same uint8 CIFAR-shaped images; only the input pipeline differs:
   ours      uint8 tensor on the device, randperm + batched per-sample augmentation on the device
-            (exactly pipeline.train's loop; --augment cifar-autoaug = crop + flip + AutoAugment + Cutout)
+            (exactly pipeline.stage1.train's loop; --augment cifar-autoaug = crop + flip + AutoAugment + Cutout)
   standard  PIL images -> RandomCrop(32, 4) + RandomHorizontalFlip + torchvision v2 AutoAugment(CIFAR10) +
             ToTensor + Cutout(16) + Normalize per image in a torch.utils.data.DataLoader (shuffle=True,
             --workers processes), copied to the device (the BALMS input pipeline)
@@ -67,9 +67,9 @@ def standard_loader(images, labels, batch_size, workers, mean, std, seed, augmen
 
 def main():
     from pipeline.config import CIFAR_MEAN, CIFAR_STD
-    from pipeline.models import create_model
-    from pipeline.augment import BatchAugment
-    from pipeline.train import resolve_device, resolve_precision, to_device_uint8, train_step
+    from pipeline.stage1.models import create_model
+    from pipeline.stage1.augment import BatchAugment
+    from pipeline.stage1.train import resolve_device, resolve_precision, to_device_uint8, train_step
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -88,7 +88,7 @@ def main():
     precision = resolve_precision(args.precision, dev)
     rng = np.random.default_rng(args.seed)
     if args.data_root:
-        from pipeline.data import load_cifar
+        from pipeline.stage1.data import load_cifar
         per_class = -(-args.images // 10)
         ds = load_cifar("cifar10-lt", args.data_root, imbalance=1, train_limit=per_class, test_limit=1)
         images, labels = ds.train.images[: args.images], ds.train.labels[: args.images]

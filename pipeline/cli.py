@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
-from .config import (AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES,
-                     METRIC_KINDS, PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
-from .data import DATASETS
+from .config import (AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES, METRIC_KINDS,
+                     PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
+from .stage1.data import DATASETS
 from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
 
 
@@ -42,7 +42,7 @@ class LazyChoice(click.Choice):
 
 
 def _models():
-    from .models import MODELS
+    from .stage1.models import MODELS
     return sorted(MODELS)
 
 
@@ -170,13 +170,13 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     import contextlib
     import os
     import time
-    from .pause import EXIT_PAUSED, RunPaused, parse_duration
+    from .stage1.pause import EXIT_PAUSED, RunPaused, parse_duration
     started = time.monotonic()
     limit = parse_duration(time_limit) if time_limit is not None else None
-    from .data import load_dataset
-    from .distributed import init_distributed, load_on_ranks
-    from .store import ImageStore
-    from .train import extract as run_extract
+    from .stage1.data import load_dataset
+    from .stage1.distributed import init_distributed, load_on_ranks
+    from .stage1.store import ImageStore
+    from .stage1.train import extract as run_extract
     try:
         dist = init_distributed(device)
     except UserError:

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 
 from .cache import write_cache
-from .data import lt_counts
+from .stage1.data import lt_counts
 
 
 def synthetic_features(num_classes=10, dim=16, imbalance=100.0, n_max=500, n_test=50, tail_spread=2.0,

@@ -38,7 +38,7 @@ def pytest_runtest_setup(item):
 
 def tiny_dataset(num_classes=4, per_class=(12, 8, 4, 2), n_test=4, size=8, seed=0):
     """An in-memory LTDataset of random uint8 images (for fast training tests)."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     rng = np.random.default_rng(seed)
     ty = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)]).astype(np.int64)
     vy = np.repeat(np.arange(num_classes), n_test).astype(np.int64)

@@ -24,8 +24,8 @@ import torch
 
 from pipeline.cache import read_cache
 from pipeline.config import run_identity
-from pipeline.models import create_model
-from pipeline.train import CURVE_COLUMNS, extract, identity_diff, resolve_config, train
+from pipeline.stage1.models import create_model
+from pipeline.stage1.train import CURVE_COLUMNS, extract, identity_diff, resolve_config, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "curve", "identity", "config", "torch",

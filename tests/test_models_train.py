@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from pipeline.cache import read_cache
 from pipeline.cli import cli
-from pipeline.models import resnet10, resnet32
-from pipeline.augment import BatchAugment
-from pipeline.train import (balms_lr, extract, lr_at, lr_for, recalibrate_bn, resolve_config, to_device_uint8,
-                            train)
+from pipeline.stage1.models import resnet10, resnet32
+from pipeline.stage1.augment import BatchAugment
+from pipeline.stage1.train import (balms_lr, extract, lr_at, lr_for, recalibrate_bn, resolve_config, to_device_uint8,
+                                   train)
 
 from .conftest import CIFAR10_JPEG, needs_cifar_jpeg, tiny_dataset
 
@@ -46,7 +46,7 @@ def test_lr_schedule():
 
 def _fake_cifar10_lt(n=12406):
     """An LTDataset with the CIFAR-10-LT beta=100 training-set size (1x1 images: only the size matters)."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     return LTDataset(name="cifar10-lt", class_names=[str(i) for i in range(10)],
                      train=Split(np.zeros((n, 1, 1, 3), np.uint8), np.arange(n) % 10),
                      test=Split(np.zeros((10, 1, 1, 3), np.uint8), np.arange(10)), imbalance=100.0)
@@ -137,7 +137,7 @@ def test_bn_recalibration_changes_stats_not_weights(tmp_path):
 def test_bn_recalibration_on_class_sorted_data_matches_population():
     """Class-sorted training data (as our arrays are): the re-estimated running mean/var of the first BN
     layer are within 2% of the population statistics of its input over the whole training set."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 500)
     x = (rng.integers(0, 40, (2000, 8, 8, 3)) + 60 * y[:, None, None, None]).astype(np.uint8)  # sorted by class

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
-from pipeline.train import resolve_config, train
+from pipeline.stage1.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
+from pipeline.stage1.train import resolve_config, train
 from pipeline.utils import UserError
 
 from .conftest import tiny_dataset, write_cifar_python

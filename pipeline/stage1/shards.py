@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .config import DATA_ON
+from ..config import DATA_ON
 from .distributed import SINGLE, Dist
-from .utils import UserError
+from ..utils import UserError
 
 DEVICE_HEADROOM = 0.25  # --data-on auto: the data may use at most this much less than the free device memory
 

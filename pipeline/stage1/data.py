@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
-from .utils import UserError
+from ..config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
+from ..utils import UserError
 
 CIFAR_DATASETS = ("cifar10-lt", "cifar100-lt", "cifar20-lt")
 SPLITFILE_DATASETS = {  # name -> default split-file names inside --data-root
@@ -115,7 +115,7 @@ def _decode(path, size: int | None, resize: int | None):
         return np.asarray(im, dtype=np.uint8)
 
 
-IMAGE_STORE = None  # a pipeline.store.ImageStore while one is active (`with store.active():`)
+IMAGE_STORE = None  # a pipeline.stage1.store.ImageStore while one is active (`with store.active():`)
 
 
 def decode_images(paths, size: int | None = None, resize: int | None = None, desc="decode") -> np.ndarray:

@@ -22,18 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from .augment import BatchAugment
-from .cache import CACHE_FILE, fingerprint, read_cache, run_name, weights_sha256, write_cache
-from .config import (CHECKPOINT_EVERY, COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, PRECISIONS,
-                     RECIPES, RUN_IDENTITY, run_identity)
+from ..cache import CACHE_FILE, fingerprint, read_cache, run_name, weights_sha256, write_cache
+from ..config import (CHECKPOINT_EVERY, COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, EXTRACT_BATCH, PRECISIONS, RECIPES,
+                      RUN_IDENTITY, run_identity)
 from .data import LTDataset
-from .distributed import (SINGLE, Dist, bn_groups, convert_sync_bn, resolve_sync_bn, revert_sync_bn,
-                          wrap_ddp)
-from .metrics import class_groups, evaluate, fmt_acc
+from .distributed import SINGLE, Dist, bn_groups, convert_sync_bn, resolve_sync_bn, revert_sync_bn, wrap_ddp
+from ..metrics import class_groups, evaluate, fmt_acc
 from .models import MODELS, create_model
 from .pause import PauseControl, RunPaused
 from .shards import Shard, resolve_data_on
-from .utils import (UserError, atomic_path, check_writable_dir, cpu_has_bf16, git_commit, now_iso, resolve_device,
-                    sha256_file)
+from ..utils import (UserError, atomic_path, check_writable_dir, cpu_has_bf16, git_commit, now_iso, resolve_device,
+                     sha256_file)
 
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "all", "many", "medium", "few", "seconds")
 BN_RECAL_SEED = 0  # the fixed permutation of the training set that BN re-estimation walks through
@@ -295,7 +294,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     pause signal or a next epoch that would not fit in its time limit writes the checkpoint and raises
     RunPaused.  ``allow_precision_change``: resume a checkpoint trained in another precision (see
     continue_precision).  Data-parallel (``dist`` of a torchrun job): every
-    rank holds its block of the images (``data_on`` device or host, pipeline/shards.py), trains its slice of
+    rank holds its block of the images (``data_on`` device or host, pipeline/stage1/shards.py), trains its slice of
     each global batch under DistributedDataParallel (+ SyncBatchNorm with ``sync_bn``); rank 0 reads the
     checkpoint and sends it to all, and alone writes checkpoints and the learning curve.
     """
@@ -469,7 +468,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
     """Stage 1 end to end.  Returns the path of the cache (None when stopped early by ``stop_after``).
 
     ``time_limit`` (seconds from ``started``, a time.monotonic() value, default the call) and the pause
-    signals (pipeline/pause.py) end it early with the checkpoint written, by raising RunPaused.
+    signals (pipeline/stage1/pause.py) end it early with the checkpoint written, by raising RunPaused.
 
     Under torchrun (``dist``) every rank calls this with the same arguments: rank 0 resolves the config
     (hashing the data once), checks the existing cache and alone writes; features are computed per rank

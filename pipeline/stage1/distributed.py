@@ -30,8 +30,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from .config import SYNC_BN_MODES
-from .utils import UserError, resolve_device
+from ..config import SYNC_BN_MODES
+from ..utils import UserError, resolve_device
 
 SMALL_RANK_BATCH = 32  # --sync-bn auto turns SyncBN on when the per-rank batch falls below this
 
