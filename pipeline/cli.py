@@ -176,7 +176,7 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     from .stage1.data import load_dataset
     from .stage1.distributed import init_distributed, load_on_ranks
     from .stage1.store import ImageStore
-    from .stage1.train import extract as run_extract
+    from .stage1.extract import extract as run_extract
     try:
         dist = init_distributed(device)
     except UserError:

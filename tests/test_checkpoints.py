@@ -24,12 +24,11 @@ import torch
 
 from pipeline.cache import read_cache
 from pipeline.config import run_identity
+from pipeline.stage1.checkpoint import CHECKPOINT_FILE, CHECKPOINT_KEYS, CURVE_COLUMNS, identity_diff
+from pipeline.stage1.extract import extract
 from pipeline.stage1.models import create_model
-from pipeline.stage1.train import CURVE_COLUMNS, extract, identity_diff, resolve_config, train
-
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "curve", "identity", "config", "torch",
-                   "precision_segments")
+from pipeline.stage1.plan import resolve_config
+from pipeline.stage1.train import train
 
 from .conftest import tiny_dataset
 

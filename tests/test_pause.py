@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.stage1.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
-from pipeline.stage1.train import resolve_config, train
+from pipeline.stage1.plan import resolve_config
+from pipeline.stage1.train import train
 from pipeline.utils import UserError
 
 from .conftest import tiny_dataset, write_cifar_python

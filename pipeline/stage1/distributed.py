@@ -110,6 +110,14 @@ class Dist:
         if self.active:
             tdist.barrier()
 
+    def any_rank(self, why: str | None, device) -> str | None:
+        """A reason (to pause) agreed by all ranks: every rank has one when any rank has one (a signal, its
+        clock); one process: its own."""
+        if not self.active:
+            return why
+        votes = self.all_reduce_sum(torch.tensor([float(why is not None)], device=device))
+        return why or ("another rank" if float(votes[0]) > 0 else None)
+
     def close(self):
         if self.active and tdist.is_initialized():
             tdist.destroy_process_group()
