@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.stage1.data import lt_counts
-from pipeline.heads import HEADS, HeadData
+from pipeline.stage2.heads import HEADS, HeadData
 from pipeline.stage1.models import resnet10, resnet32
 from pipeline.utils import resolve_device
 

@@ -47,7 +47,7 @@ def _models():
 
 
 def _heads():
-    from .heads import HEADS
+    from .stage2.heads import HEADS
     return sorted(HEADS)
 
 
@@ -291,7 +291,7 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
                  cl2n, device, results_path, eval_split):
     """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
     from .cache import read_cache
-    from .fit import fit_head, record_fit
+    from .stage2.fit import fit_head, record_fit
     from .metrics import fmt_acc
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,

@@ -125,7 +125,7 @@ HEAD_DEFAULTS = dict(
 )
 
 # ----------------------------------------------------------------------------------------------------
-# Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; fit.py
+# Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; stage2/fit.py
 # writes these columns, the report reads them, the CLI takes its choices from here)
 RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
                   "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.heads as heads
+import pipeline.stage2.heads as heads
 from pipeline.cache import read_cache
-from pipeline.fit import fit_head
-from pipeline.heads import (HEADS, HeadData, augment_centroids, augment_rows, aug_sq_dists, generators, max_plus,
-                            multi_ncm_loss, multi_ncm_loss_fast, multi_ncm_predict, ncm_loss, ncm_loss_bf16,
-                            ncm_predict, train_sgd)
+from pipeline.stage2.fit import fit_head
+from pipeline.stage2.heads import (HEADS, HeadData, augment_centroids, augment_rows, aug_sq_dists, generators, max_plus,
+                                   multi_ncm_loss, multi_ncm_loss_fast, multi_ncm_predict, ncm_loss, ncm_loss_bf16,
+                                   ncm_predict, train_sgd)
 from pipeline.synthetic import make_synthetic_cache
 from pipeline.utils import UserError
 

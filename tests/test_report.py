@@ -1,7 +1,7 @@
 """Reports (pipeline.report, run_all.sh) on small synthetic caches with hand-written fit rows.
 
 The fit rows follow stage 2's results.csv contract (columns, npz artifacts) without calling stage 2, so
-these tests do not depend on pipeline.fit; the end-to-end run_all.sh test further down does.
+these tests do not depend on pipeline.stage2.fit; the end-to-end run_all.sh test further down does.
 """
 import csv
 import json
@@ -511,7 +511,7 @@ def test_pick_row_treats_matmul_as_a_computation_detail():
 
     import pandas as pd
 
-    from pipeline.heads import HEADS
+    from pipeline.stage2.heads import HEADS
     from pipeline.report.paper import Spec
     from pipeline.report.runs import pick_row
     hp = {k: v for k, v in HEADS["learned-ncm"].defaults.items() if k != "matmul"}

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..cache import CACHE_FILE, provenance_config, read_cache, run_name
 from ..config import DEFAULT_RECIPE, RECIPES, RESULT_COLUMNS, recipe_identity
-from ..heads import HEADS
+from ..stage2.heads import HEADS
 from ..utils import UserError
 from .paper import DATASET_LABEL, FAMILY, METRICS, NATURAL_SPLIT, Spec, fmt_beta, fmt_tau
 

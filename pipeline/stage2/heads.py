@@ -3,7 +3,7 @@
 Every head is one function registered with ``@register_head(name, ...)``; :data:`HEADS` maps the name to a
 :class:`Head` (the function, the hyperparameters it uses with their defaults, whether it takes ``tau``).
 A head receives a :class:`HeadData` (train/eval features already on the device) and returns a
-:class:`HeadOutput` (eval predictions + the fitted parameters as numpy arrays).  ``pipeline.fit`` does the
+:class:`HeadOutput` (eval predictions + the fitted parameters as numpy arrays).  ``pipeline.stage2.fit`` does the
 validation, timing, evaluation and bookkeeping; nothing here reads or writes files.
 
 Heads
@@ -93,10 +93,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .analysis import cdnv as _cdnv
-from .config import HEAD_DEFAULTS, METRIC_DISTANCES, METRIC_KINDS, TAU_NORM_P_GRID
-from .metrics import balanced_accuracy
-from .utils import UserError, cpu_has_bf16
+from ..analysis import cdnv as _cdnv
+from ..config import HEAD_DEFAULTS, METRIC_DISTANCES, METRIC_KINDS, TAU_NORM_P_GRID
+from ..metrics import balanced_accuracy
+from ..utils import UserError, cpu_has_bf16
 
 # ----------------------------------------------------------------------------------------------------
 # Registry
