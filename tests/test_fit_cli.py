@@ -17,7 +17,8 @@ from pipeline.cache import read_cache, write_cache
 from pipeline.cli import cli
 from pipeline.config import RESULT_COLUMNS
 from pipeline.stage2.fit import fit_head, record_fit
-from pipeline.stage2.heads import HEADS, resolve_matmul
+from pipeline.stage2.heads import HEADS
+from pipeline.stage2.heads.bf16 import resolve_matmul
 from pipeline.synthetic import make_synthetic_cache, synthetic_features
 from pipeline.utils import UserError
 
