@@ -477,12 +477,12 @@ def test_seeds_are_grouped_by_recipe_identity(tmp_path):
                 epochs=520, batch_size=512, lr=0.1, data_hash="d0")
     for run, seed, over in (("a", 0, dict(precision="bf16")), ("b", 1, dict(precision="fp32")),
                             ("c", 2, dict(precision="bf16", lr=0.2))):
-        tx, ty, vx, vy, counts, means, _ = synthetic_features(num_classes=10, dim=4, n_max=200, seed=seed)
+        tx, ty, test_x, test_y, counts, means, _ = synthetic_features(num_classes=10, dim=4, n_max=200, seed=seed)
         cfg = dict(base, seed=seed, **over)
         (root / run).mkdir(parents=True)
         write_cache(root / run / "features.h5", provenance=dict(cfg, config=cfg, weights_sha256=f"w{seed}"),
                     class_names=[str(i) for i in range(10)], train_counts=counts, classifier_weight=means,
-                    classifier_bias=np.zeros(10), features={"plain": {"train": (tx, ty), "test": (vx, vy)}})
+                    classifier_bias=np.zeros(10), features={"plain": {"train": (tx, ty), "test": (test_x, test_y)}})
     ctx = rp.load_context(str(root))
     assert sorted(sorted(c.run for c in g.caches) for g in ctx.groups) == [["a", "b"], ["c"]]
     assert len({c.fingerprint for c in ctx.infos}) == 3
