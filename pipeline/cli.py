@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from .config import (AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES, METRIC_KINDS,
-                     PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
+from .config import (ACCURACY_KEYS, AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES,
+                     METRIC_DISTANCES, METRIC_KINDS, PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
 from .stage1.data import DATASETS
 from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
 
@@ -257,7 +257,7 @@ def info(cache):
     acc = p.get("final_test_accuracy") or {}
     if acc:
         click.echo("  stage-1 softmax test accuracy: " +
-                   "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
+                   "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ACCURACY_KEYS))
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------
 

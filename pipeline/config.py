@@ -18,6 +18,7 @@ FEATURE_DTYPES = ("float32", "float16")  # how features are stored (read back as
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
 GROUP_NAMES = ("many", "medium", "few")
+ACCURACY_KEYS = ("all",) + GROUP_NAMES  # every accuracy dict (metrics.shot_accuracy, curves, results rows)
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: datasets and training

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import RUN_IDENTITY, run_identity
+from ..config import ACCURACY_KEYS, RUN_IDENTITY, run_identity
 from ..utils import UserError, atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVE_FILE = "learning_curve.csv"
 CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "curve", "identity", "config", "torch",
                    "precision_segments")
-CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "all", "many", "medium", "few", "seconds")
+CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", *ACCURACY_KEYS, "seconds")
 
 
 def identity_diff(have: dict, want: dict, allow_precision_change=False) -> dict:

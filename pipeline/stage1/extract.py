@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..cache import fingerprint, weights_sha256, write_cache
+from ..config import ACCURACY_KEYS
 from ..utils import git_commit, now_iso, resolve_device, sha256_file
 from .augment import BatchAugment
 from .checkpoint import CHECKPOINT_FILE, CURVE_COLUMNS
@@ -19,7 +20,7 @@ from .evaluate import BN_RECAL_METHOD, extract_features
 from .pause import PauseControl, RunPaused
 from .plan import Plan, plan_run
 from .shards import Shard, resolve_data_on
-from .train import GROUPS, train
+from .train import train
 
 
 def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", precision="auto",
@@ -111,7 +112,7 @@ def run_provenance(dataset: LTDataset, plan: Plan, model, rows: list, commit: st
         distributed=dict(dist.describe(), sync_bn=plan.sync_bn, data_on=on),
         image_store=dataset.extra.get("image_store"),
         bn_recal_method=BN_RECAL_METHOD if bn_recalibrate else None,
-        final_test_accuracy={k: rows[-1][k] for k in GROUPS} if rows else None)
+        final_test_accuracy={k: rows[-1][k] for k in ACCURACY_KEYS} if rows else None)
 
 
 def write_run_cache(path: Path, dataset: LTDataset, model, features: dict, rows: list, provenance: dict):

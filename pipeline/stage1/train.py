@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import CHECKPOINT_EVERY, run_identity
+from ..config import ACCURACY_KEYS, CHECKPOINT_EVERY, run_identity
 from ..metrics import class_groups, fmt_acc
 from ..utils import resolve_device
 from .augment import BatchAugment
@@ -32,9 +32,6 @@ from .plan import resolve_compile, set_determinism
 from .precision import autocast, continue_precision
 from .schedule import lr_for
 from .shards import Shard
-
-GROUPS = ("all", "many", "medium", "few")
-
 
 def train_step(model, opt, x, y, precision, denom=None):
     """One SGD step of softmax cross-entropy (bf16 autocast when asked); returns (loss, logits).
@@ -143,13 +140,13 @@ def _evaluate_epoch(t: Trainer, epoch: int, pause: PauseControl) -> dict:
     """Test accuracy at the end of ``epoch`` (a learning-curve point only, never used to pick an epoch), or
     NaN between evaluations; records the evaluation time for the time-limit estimate."""
     if not t.evaluates(epoch):
-        return dict.fromkeys(GROUPS, float("nan"))
+        return dict.fromkeys(ACCURACY_KEYS, float("nan"))
     t0 = time.time()
     acc = evaluate_test(t.model, t.x_test, t.dataset.test.labels, class_groups(t.dataset.train_counts), t.aug,
                         t.precision)
     t.eval_secs.append(time.time() - t0)
     pause.eval_seconds_per_image = max(t.eval_secs[-5:]) / max(1, len(t.dataset.test.labels))
-    return {k: acc[k] for k in GROUPS}
+    return {k: acc[k] for k in ACCURACY_KEYS}
 
 
 def _build(cfg: dict, num_classes: int, device):

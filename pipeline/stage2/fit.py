@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, read_cache
-from ..config import EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
+from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
 from ..utils import UserError, atomic_path, git_commit, now_iso, resolve_device
@@ -139,7 +139,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
     seconds = time.perf_counter() - start  # .cpu() above synchronises a CUDA fit
     res = evaluate(pred, ey, cache.groups)
-    acc = {k: res[k] for k in ("all", "many", "medium", "few")}
+    acc = {k: res[k] for k in ACCURACY_KEYS}
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
                      hparams={**hp, **out.chosen, "eval_split": eval_split}, ignored=ignored,
