@@ -1,9 +1,11 @@
-"""Stage-1 training throughput on the paper recipe: our loop vs a standard DataLoader loop vs pure compute.
+"""Stage-1 training throughput on the paper recipe: our loop vs a standard DataLoader loop vs pure compute,
+and our loop in this checkout vs another commit (the ratio after / before a change, in one run).
 
 All loops train the same model (ResNet-32 by default) with the same batch size (512), precision, optimiser
 and channels_last layout on the same uint8 CIFAR-shaped images; only the input pipeline differs:
-  ours      uint8 tensor on the device, randperm + batched per-sample augmentation on the device
-            (exactly pipeline.train's loop; --augment cifar-autoaug = crop + flip + AutoAugment + Cutout)
+  ours      the training epoch of `pipeline extract` itself (pipeline.stage1.train.train_one_epoch: the images
+            in a Shard on the device, randperm + batched per-sample augmentation on the device; --augment
+            cifar-autoaug = crop + flip + AutoAugment + Cutout)
   standard  PIL images -> RandomCrop(32, 4) + RandomHorizontalFlip + torchvision v2 AutoAugment(CIFAR10) +
             ToTensor + Cutout(16) + Normalize per image in a torch.utils.data.DataLoader (shuffle=True,
             --workers processes), copied to the device (the BALMS input pipeline)
@@ -12,16 +14,31 @@ and channels_last layout on the same uint8 CIFAR-shaped images; only the input p
 Prints images/s of each, ours/standard and ours/resident, measured in this one run.  --compile adds the
 same three with the train step under torch.compile.
 
+--baseline REV times only `ours`, alternately in this checkout and in REV (a commit, checked out into a
+temporary `git worktree`, or the path of a checkout), each in a fresh process, --rounds times, and prints
+the median images/s of each and their ratio (this checkout / REV).  A checkout from before the stage-1 move
+(no pipeline/stage1/) runs its own loop of that time (pipeline.train: a uint8 tensor on the device).
+
     python benchmarks/stage1_throughput.py --data-root ../shared/data/cifar10-jpeg   # real JPEG images
     python benchmarks/stage1_throughput.py --augment cifar --batch-size 128          # the ldam recipe
+    python benchmarks/stage1_throughput.py --baseline e1834df --rounds 3             # after / before
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Cutout:
@@ -65,12 +82,82 @@ def standard_loader(images, labels, batch_size, workers, mean, std, seed, augmen
                                        generator=g, drop_last=True, persistent_workers=workers > 0)
 
 
-def main():
+def our_epoch(images, labels, dev, args, precision):
+    """``epoch(model, opt)``: one epoch over ``images`` of this checkout's own stage-1 training loop."""
     from pipeline.config import CIFAR_MEAN, CIFAR_STD
-    from pipeline.models import create_model
-    from pipeline.augment import BatchAugment
-    from pipeline.train import resolve_device, resolve_precision, to_device_uint8, train_step
+    try:
+        from pipeline.stage1.data import LTDataset, Split
+        from pipeline.stage1.distributed import SINGLE
+        from pipeline.stage1.train import setup, train_one_epoch
+    except ImportError:  # a checkout from before pipeline/stage1/
+        return _legacy_epoch(images, labels, dev, args, precision)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    cfg = dict(batch_size=args.batch_size, epochs=10 ** 6, schedule="cosine", warmup_epochs=0, lr=0.05,
+               augment=args.augment, image_size=images.shape[1], compile="off", eval_every=10 ** 6)
+    ds = LTDataset("bench", [str(c) for c in range(10)], Split(images, labels), Split(images[:1], labels[:1]),
+                   mean=CIFAR_MEAN, std=CIFAR_STD)
+    trainers = {}
 
+    def epoch(model, opt):
+        if id(opt) not in trainers:  # one Trainer (data placed once) per model
+            trainers[id(opt)] = setup(ds, cfg, model, opt, gen, dev, SINGLE, "device", False, precision)
+        train_one_epoch(trainers[id(opt)], 0)
+        return len(labels)
+    return epoch
+
+
+def _legacy_epoch(images, labels, dev, args, precision):
+    """The epoch loop of pipeline/train.py before the stage-1 move (e1834df), one process, data on the device."""
+    import math
+    from tqdm import tqdm
+    from pipeline.augment import BatchAugment
+    from pipeline.config import CIFAR_MEAN, CIFAR_STD
+    from pipeline.train import lr_for, to_device_uint8, train_step
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    aug = BatchAugment(CIFAR_MEAN, CIFAR_STD, dev, args.augment, images.shape[1], gen)
+    x_dev = to_device_uint8(images, dev, channels_last=True)
+    y_dev = torch.from_numpy(labels).to(dev)
+    cfg = dict(epochs=10 ** 6, schedule="cosine", warmup_epochs=0, lr=0.05)
+
+    def epoch(model, opt):
+        n, bs = len(labels), args.batch_size
+        iters = math.ceil(n / bs)
+        model.train()
+        perm = torch.randperm(n, device=dev, generator=gen)
+        loss_sum, correct, seen = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
+        for b in tqdm(range(iters), leave=False, disable=None, mininterval=1):
+            idx = perm[b * bs:(b + 1) * bs]
+            if idx.numel() < 2:
+                continue
+            for group in opt.param_groups:
+                group["lr"] = lr_for(cfg, 0, b, iters)
+            y = y_dev[idx]
+            x = aug(x_dev[idx]).contiguous(memory_format=torch.channels_last)
+            loss, logits = train_step(model, opt, x, y, precision)
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+        float(loss_sum), float(correct)  # the epoch's statistics reach the host, as in train()
+        return n
+    return epoch
+
+
+def load_images(args):
+    rng = np.random.default_rng(args.seed)
+    if args.data_root:
+        try:
+            from pipeline.stage1.data import load_cifar
+        except ImportError:
+            from pipeline.data import load_cifar
+        per_class = -(-args.images // 10)
+        ds = load_cifar("cifar10-lt", args.data_root, imbalance=1, train_limit=per_class, test_limit=1)
+        return ds.train.images[: args.images], ds.train.labels[: args.images], f"real CIFAR-10 JPEG ({args.data_root})"
+    images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.images)
+    return images, labels, "synthetic uint8 images"
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -82,26 +169,43 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (standard loop)")
     ap.add_argument("--data-root", default=None, help="CIFAR-10 JPEG ImageFolder to take real images from")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
+                    help="of the model and batches in the standard and resident loops (ours: channels_last)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="time our loop here and in REV (commit or checkout path), alternately; print the ratio")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: runs of each checkout")
+    ap.add_argument("--only-ours", action="store_true", help="time our loop only and print one JSON line")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.baseline:
+        return compare(args, argv if argv is not None else sys.argv[1:])
+    from pipeline.config import CIFAR_MEAN, CIFAR_STD
+    from pipeline.utils import resolve_device
+    try:
+        from pipeline.stage1.augment import BatchAugment
+        from pipeline.stage1.models import create_model
+        from pipeline.stage1.precision import resolve_precision
+        from pipeline.stage1.train import train_step
+    except ImportError:  # a checkout from before pipeline/stage1/ (--baseline runs this script in it)
+        from pipeline.augment import BatchAugment
+        from pipeline.models import create_model
+        from pipeline.train import resolve_precision, train_step
 
     dev = resolve_device(args.device)
     precision = resolve_precision(args.precision, dev)
-    rng = np.random.default_rng(args.seed)
-    if args.data_root:
-        from pipeline.data import load_cifar
-        per_class = -(-args.images // 10)
-        ds = load_cifar("cifar10-lt", args.data_root, imbalance=1, train_limit=per_class, test_limit=1)
-        images, labels = ds.train.images[: args.images], ds.train.labels[: args.images]
-        source = f"real CIFAR-10 JPEG ({args.data_root})"
-    else:
-        images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, args.images)
-        source = "synthetic uint8 images"
+    images, labels, source = load_images(args)
     n_batches = len(labels) // args.batch_size
+    images, labels = images[:n_batches * args.batch_size], labels[:n_batches * args.batch_size]
+
+    mf = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
 
     def run(loop, compiled=False):
         torch.manual_seed(args.seed)
-        model = create_model(args.backbone, 10).to(dev).to(memory_format=torch.channels_last)
+        fmt = torch.channels_last if loop is ours else mf
+        model = create_model(args.backbone, 10).to(dev).to(memory_format=fmt)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         if compiled:
@@ -115,35 +219,33 @@ def main():
             torch.cuda.synchronize()
         return seen / (time.perf_counter() - t)
 
-    x_dev = to_device_uint8(images, dev, channels_last=True)
-    y_dev = torch.from_numpy(labels).to(dev)
+    epoch = our_epoch(images, labels, dev, args, precision)
+
+    def ours(model, opt, warm):  # the warm-up is a whole epoch too
+        return epoch(model, opt)
+
+    if args.only_ours:
+        print(json.dumps(dict(images_per_s=run(ours), pipeline=__import__("pipeline").__file__)))
+        return
+
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     aug = BatchAugment(CIFAR_MEAN, CIFAR_STD, dev, args.augment, generator=gen)
-
-    def ours(model, opt, warm):
-        perm = torch.randperm(len(labels), device=dev, generator=gen)
-        steps = 3 if warm else n_batches
-        for b in range(steps):
-            idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
-            x = aug(x_dev[idx]).contiguous(memory_format=torch.channels_last)
-            train_step(model, opt, x, y_dev[idx], precision)
-        return steps * args.batch_size
-
     loader = standard_loader(images, labels, args.batch_size, args.workers, CIFAR_MEAN, CIFAR_STD, args.seed,
                              args.augment)
 
     def standard(model, opt, warm):
         steps = 0
         for x, y in loader:
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=mf)
             train_step(model, opt, x, y.to(dev, non_blocking=True), precision)
             steps += 1
             if warm and steps == 3:
                 break
         return steps * args.batch_size
 
-    x_res = aug(x_dev[: args.batch_size]).contiguous(memory_format=torch.channels_last)
-    y_res = y_dev[: args.batch_size]
+    x0 = torch.from_numpy(images[: args.batch_size]).to(dev).permute(0, 3, 1, 2)
+    x_res = aug(x0.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=mf)
+    y_res = torch.from_numpy(labels[: args.batch_size]).to(dev)
 
     def resident(model, opt, warm):
         steps = 3 if warm else n_batches
@@ -156,6 +258,7 @@ def main():
         for name, loop in (("standard", standard), ("ours", ours), ("resident", resident)):
             res[name, compiled] = run(loop, compiled)
     print(f"device {dev} ({torch.get_num_threads()} threads)  precision {precision}  {args.backbone}  "
+          f"{args.memory_format} (standard, resident)  "
           f"batch {args.batch_size}  augment {args.augment}  {n_batches * args.batch_size} images/pass  {source}  "
           f"torch {torch.__version__}")
     for compiled in ((False, True) if args.compile else (False,)):
@@ -170,6 +273,51 @@ def main():
     if args.compile:
         print(f"torch.compile effect on our loop: {res['ours', True] / res['ours', False]:.2f}x, on the resident "
               f"step: {res['resident', True] / res['resident', False]:.2f}x")
+
+
+def _checkout(rev: str, tmp: Path) -> Path:
+    """A directory holding `rev`: the path itself when it is a checkout, else a detached worktree in tmp."""
+    if Path(rev).is_dir():
+        return Path(rev).resolve()
+    path = tmp / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), rev], cwd=REPO, check=True)
+    return path
+
+
+def compare(args, argv):
+    """--baseline: time our loop in this checkout and in the baseline, alternately, in fresh processes."""
+    strip = {"--baseline", "--rounds"}
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=")[0] in strip:
+            skip = "=" not in a
+            continue
+        rest.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _checkout(args.baseline, Path(tmp))
+        try:
+            rates = {"this checkout": [], f"baseline {args.baseline}": []}
+            for r in range(args.rounds):
+                for (label, root) in zip(rates, (REPO, base)):
+                    env = dict(os.environ, PYTHONPATH=str(root))
+                    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--only-ours", *rest],
+                                         cwd=root, env=env, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.exit(f"{label} failed:\n{out.stdout}\n{out.stderr}")
+                    got = json.loads(out.stdout.strip().splitlines()[-1])
+                    rates[label].append(got["images_per_s"])
+                    print(f"round {r + 1}: {label:>24} {got['images_per_s']:8.1f} images/s  ({got['pipeline']})",
+                          flush=True)
+        finally:
+            if base.parent == Path(tmp):
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    (a_label, a), (b_label, b) = rates.items()
+    print(f"our loop, median of {args.rounds}: this checkout {statistics.median(a):.1f} images/s, "
+          f"{b_label} {statistics.median(b):.1f} images/s; ratio this/baseline "
+          f"{statistics.median(a) / statistics.median(b):.3f}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.data import lt_counts
-from pipeline.heads import HEADS, HeadData
-from pipeline.models import resnet10, resnet32
+from pipeline.stage1.data import lt_counts
+from pipeline.stage2.heads import HEADS, HeadData
+from pipeline.stage1.models import resnet10, resnet32
 from pipeline.utils import resolve_device
 
 TARGETS = {"a": 5.0, "b": 60.0}  # CPU targets for learned-ncm, seconds

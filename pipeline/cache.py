@@ -1,6 +1,10 @@
 """The HDF5 feature cache: the one self-describing file through which stage 1, stage 2 and reports meet.
 
-Layout of ``features.h5`` (schema version 1)::
+This module is the contract between the stages: the file name (:data:`CACHE_FILE`), the layout written by
+:func:`write_cache` and validated by :func:`read_cache`, the provenance keys, the weights hash and the
+fingerprint.  Both stages import it; it imports neither.
+
+Layout of ``<run>/features.h5`` (schema version config.SCHEMA_VERSION)::
 
     attrs:  schema_version, fingerprint, provenance (JSON), and for convenience dataset, imbalance,
             subset_seed, backbone, epochs, seed, variants
@@ -32,23 +36,46 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import SCHEMA_VERSION, SPLITS, VARIANTS, run_identity
+from .config import FEATURE_DTYPES, SCHEMA_VERSION, SPLITS, VARIANTS, run_identity
 from .metrics import class_groups
 from .utils import UserError, atomic_path
 
-# provenance fields that also sit at the top level of a cache's provenance (older caches and synthetic ones
-# carry them only there); the resolved config wins where it has them
-_TOP_LEVEL = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed")
+CACHE_FILE = "features.h5"  # the cache of a stage-1 run: <cache dir>/<run>/features.h5
+# provenance fields that also sit at the top level of a cache's provenance and as file attributes (older
+# caches and synthetic ones carry them only there); the resolved config wins where it has them
+PROVENANCE_TOP_LEVEL = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed")
+
+
+def provenance_config(provenance: dict) -> dict:
+    """The stage-1 config a provenance describes: its top-level fields overlaid with its resolved config."""
+    cfg = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
+    return {**{k: provenance.get(k) for k in PROVENANCE_TOP_LEVEL}, **cfg}
 
 
 def fingerprint(provenance: dict) -> str:
     """Hash of what the features are: the stage-1 run identity (config.run_identity, the same contract that
     decides checkpoint resume and cache reuse) plus the hash of the trained weights.  Not where or when the
     cache was written."""
-    cfg = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
-    ident = run_identity({**{k: provenance.get(k) for k in _TOP_LEVEL}, **cfg})
+    ident = run_identity(provenance_config(provenance))
     ident["weights_sha256"] = provenance.get("weights_sha256")
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_sha256(weights) -> str:
+    """Hash of a model's tensors (parameters and buffers; a module or its state dict): identifies the weights
+    themselves, unlike the checkpoint file's hash, which also covers optimizer state and wall-clock timings."""
+    state = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_file(path) -> Path:
+    """The cache file of ``path``: a run folder (its CACHE_FILE) or the file itself."""
+    path = Path(path)
+    return path / CACHE_FILE if path.is_dir() else path
 
 
 def run_name(dataset: str, imbalance, backbone: str, seed: int, recipe: str | None = None) -> str:
@@ -57,7 +84,6 @@ def run_name(dataset: str, imbalance, backbone: str, seed: int, recipe: str | No
     return f"{dataset}-b{b}-{backbone}{'-' + recipe if recipe else ''}-s{seed}"
 
 
-FEATURE_DTYPES = ("float32", "float16")
 _COMPRESS = dict(compression="gzip", compression_opts=4, shuffle=True)
 
 
@@ -84,7 +110,7 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["fingerprint"] = fp
             f.attrs["provenance"] = json.dumps(prov, sort_keys=True, default=str)
-            for k in ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed"):
+            for k in PROVENANCE_TOP_LEVEL:
                 if prov.get(k) is not None:
                     f.attrs[k] = prov[k]
             f.attrs["variants"] = json.dumps(sorted(features))
@@ -129,14 +155,10 @@ def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None) -> P
     state = c.model_state()
     if checkpoint is not None:
         import torch
-        from .models import create_model
-        from .train import weights_sha256
         ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model = create_model(prov["backbone"], c.num_classes)
-        model.load_state_dict(ck["model"])
-        if weights_sha256(model) != prov.get("weights_sha256"):
+        if weights_sha256(ck["model"]) != prov.get("weights_sha256"):
             raise UserError(f"{checkpoint} does not hold the weights of {c.path} (weights_sha256 differs)")
-        state = model.state_dict()
+        state = {k: v.contiguous() for k, v in ck["model"].items()}
     features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in c.variants}
     return write_cache(dst, provenance=prov, class_names=c.class_names, train_counts=c.train_counts,
                        classifier_weight=c.classifier_weight, classifier_bias=c.classifier_bias,
@@ -161,10 +183,6 @@ class FeatureCache:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def has_split(self, split: str, variant: str = "plain") -> bool:
-        with h5py.File(self.path, "r") as f:
-            return f"{variant}/{split}/features" in f
 
     def splits(self, variant: str = "plain") -> list:
         with h5py.File(self.path, "r") as f:
@@ -201,9 +219,7 @@ class FeatureCache:
 
 def read_cache(path, expect: dict | None = None, upgrade: bool = False) -> FeatureCache:
     """Open and validate a cache.  ``expect`` maps provenance keys to required values (None = any)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "features.h5"
+    path = cache_file(path)
     if not path.exists():
         raise UserError(f"no feature cache at {path}; create it with `pipeline extract` first")
     try:

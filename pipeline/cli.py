@@ -5,8 +5,9 @@ Bad input raises pipeline.utils.UserError anywhere below; it is printed here as 
 
 Only light modules are imported here (no torch, h5py, pandas or matplotlib), so that `pipeline --help` and
 option errors answer at once; each command imports the heavy module that does its work when it runs.
-Option choices come from the registries and constants themselves (heads, models, datasets, variants,
-eval splits), the torch-backed registries through :class:`LazyChoice`.
+Option choices come from the registries and constants themselves (heads, models, datasets, recipes,
+augmentations, precisions, compile / SyncBN / data placement modes, feature dtypes, variants, eval splits,
+the device pattern), the torch-backed registries through :class:`LazyChoice`.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from .config import (AUGMENT_KINDS, EVAL_SPLITS, METRIC_DISTANCES, METRIC_KINDS, RECIPES, SUBSET_SEED,
-                     VARIANTS)
-from .data import DATASETS
-from .utils import UserError, check_writable_dir
+from .config import (ACCURACY_KEYS, AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES,
+                     METRIC_DISTANCES, METRIC_KINDS, PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
+from .stage1.data import DATASETS
+from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
 
 
 class LazyChoice(click.Choice):
@@ -41,12 +42,12 @@ class LazyChoice(click.Choice):
 
 
 def _models():
-    from .models import MODELS
+    from .stage1.models import MODELS
     return sorted(MODELS)
 
 
 def _heads():
-    from .heads import HEADS
+    from .stage2.heads import HEADS
     return sorted(HEADS)
 
 
@@ -55,9 +56,9 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
-        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+        if re.fullmatch(DEVICE_PATTERN, str(value)):
             return str(value)
-        self.fail(f"must be auto, cpu, cuda or cuda:N, got {value!r}", param, ctx)
+        self.fail(f"must be {DEVICE_HELP}, got {value!r}", param, ctx)
 
 
 class TauNormP(click.ParamType):
@@ -139,14 +140,14 @@ def cli():
               help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; imagenet = random-resized-crop+flip.")
 @click.option("--eval-every", type=POSITIVE_INT, default=None,
               help="Test-set learning-curve point every N epochs (always the last).  [default: ~50 points]")
-@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto",
               help="torch.compile the train step (auto = on CUDA only).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Training seed (init, shuffling, augmentation).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
               help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
 @click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
 @click.option("--run-name", type=RunName(), default=None,
@@ -161,10 +162,10 @@ def cli():
 @click.option("--train-limit", type=POSITIVE_INT, default=None, help="Tiny runs: first k source images per class.")
 @click.option("--test-limit", type=POSITIVE_INT, default=None, help="Tiny runs: first k test images per class.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing checkpoint/cache of this run and retrain.")
-@click.option("--sync-bn", type=click.Choice(["auto", "on", "off"]), default="auto",
+@click.option("--sync-bn", type=click.Choice(SYNC_BN_MODES), default="auto",
               help="Under torchrun: SyncBatchNorm (BN statistics over the global batch).  auto = on for "
                    "ResNet-32 or a per-rank batch < 32.")
-@click.option("--data-on", type=click.Choice(["auto", "device", "host"]), default="auto",
+@click.option("--data-on", type=click.Choice(DATA_ON), default="auto",
               help="Where each rank keeps its block of the uint8 images: the training device, or pinned host "
                    "memory streamed per batch.  auto = device when it fits.")
 @click.option("--time-limit", default=None, metavar="DURATION",
@@ -187,13 +188,13 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     import contextlib
     import os
     import time
-    from .pause import EXIT_PAUSED, RunPaused, parse_duration
+    from .stage1.pause import EXIT_PAUSED, RunPaused, parse_duration
     started = time.monotonic()
     limit = parse_duration(time_limit) if time_limit is not None else None
-    from .data import load_dataset
-    from .distributed import init_distributed, load_on_ranks
-    from .store import ImageStore
-    from .train import extract as run_extract
+    from .stage1.data import load_dataset
+    from .stage1.distributed import init_distributed, load_on_ranks
+    from .stage1.store import ImageStore
+    from .stage1.extract import extract as run_extract
     try:
         dist = init_distributed(device)
     except UserError:
@@ -235,14 +236,14 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
 @cli.command("pack-cache")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the packed features.h5.")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=FEATURE_DTYPES[0],
               help="float16 halves the size but moves some heads by > 0.1 point (see tests/test_cache.py).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")
 def pack_cache(cache, out, feature_dtype, checkpoint):
     """Rewrite a cache gzip-compressed with its model weights (for shipping in git); same fingerprint."""
-    from .cache import read_cache, repack_cache
-    src = Path(cache) / "features.h5" if Path(cache).is_dir() else Path(cache)
+    from .cache import cache_file, read_cache, repack_cache
+    src = cache_file(cache)
     if Path(out).resolve() == src.resolve():
         raise UserError("--out must differ from the source cache")
     check_writable_dir(Path(out).parent, "--out")
@@ -260,7 +261,7 @@ def info(cache, as_json):
     import json
     from .cache import read_cache
     from .metrics import fmt_acc
-    from .runinfo import cache_summary, describe, run_progress
+    from .stage1.runinfo import cache_summary, describe, run_progress
     run_dir = Path(cache)
     if run_dir.is_dir() and not (run_dir / "features.h5").exists() and (run_dir / "checkpoint.pt").exists():
         prog = run_progress(run_dir)
@@ -287,15 +288,14 @@ def info(cache, as_json):
     acc = s["final_test_accuracy"] or {}
     if acc:
         click.echo(f"  last learning-curve point (test, {s['precision']} as trained; the softmax head re-evaluates "
-                   "in fp32): " +
-                   "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ("all", "many", "medium", "few")))
+                   "in fp32): " + "  ".join(f"{k} {fmt_acc(acc.get(k))}" for k in ACCURACY_KEYS))
 
 
 @cli.command()
 @click.option("--cache-root", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
 def runs(cache_root):
     """List the stage-1 runs under --cache-root: finished caches and in-flight checkpoints with progress."""
-    from .runinfo import describe, run_progress
+    from .stage1.runinfo import describe, run_progress
     if not Path(cache_root).is_dir():
         raise UserError(f"--cache-root {cache_root} is not a folder")
     found = 0
@@ -341,7 +341,7 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
                  cl2n, device, results_path, eval_split):
     """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
     from .cache import read_cache
-    from .fit import fit_head, record_fit
+    from .stage2.fit import fit_head, record_fit
     from .metrics import fmt_acc
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,

@@ -11,12 +11,14 @@ from __future__ import annotations
 SCHEMA_VERSION = 2  # 2: fingerprint = run_identity + weights hash; optional model/ group; gzip datasets
 VARIANTS = ("plain", "bn_recal")  # features straight from the checkpoint / after post-hoc BN re-estimation
 SPLITS = ("train", "val", "test")
+FEATURE_DTYPES = ("float32", "float16")  # how features are stored (read back as float32); `pack-cache --feature-dtype`
 
 # Many / Medium / Few thresholds of the paper (Sec. 5.1 and Table 4): Many >= 100 train images,
 # Few < 20, Medium otherwise.  (Decoupling's code uses "> 100" for Many; the paper's table follows >= 100.)
 MANY_THRESHOLD = 100
 FEW_THRESHOLD = 20
 GROUP_NAMES = ("many", "medium", "few")
+ACCURACY_KEYS = ("all",) + GROUP_NAMES  # every accuracy dict (metrics.shot_accuracy, curves, results rows)
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: datasets and training
@@ -62,14 +64,13 @@ RECIPES = {
                        weight_decay=5e-4, warmup_epochs=5, schedule="cosine", augment="imagenet"),
 }
 DEFAULT_RECIPE = {"cifar": "paper", "imagenet": "decoupling"}
-TRAIN_DEFAULTS = {fam: RECIPES[name] for fam, name in DEFAULT_RECIPE.items()}  # the default recipe per family
 IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 
 # AutoAugment + Cutout ("cifar-autoaug"): torchvision's AutoAugmentPolicy.CIFAR10 sub-policies and magnitude
 # bins; Cutout as DeVries & Taylor's code used by BALMS: one hole, side 16, centre uniform over the image, the
 # box clipped at the border, filled with 0 (black) after AutoAugment and before normalisation.
 CUTOUT_LENGTH = 16
-AUGMENT_KINDS = ("cifar", "cifar-autoaug", "imagenet")  # pipeline.augment.BatchAugment(kind=...)
+AUGMENT_KINDS = ("cifar", "cifar-autoaug", "imagenet")  # pipeline.stage1.augment.BatchAugment(kind=...)
 
 # What a stage-1 run *is*: two configurations agreeing on these keys train the same model, so a checkpoint is
 # resumed / a cache reused only when they match, and the cache fingerprint hashes them.  `data_hash` is the
@@ -100,6 +101,14 @@ def recipe_identity(cfg: dict) -> dict:
     return {k: v for k, v in run_identity(cfg).items() if k not in ("seed", "precision")}
 
 
+# Stage-1 switches that do not change the identity, or do only through a resolved value (the choices of
+# `pipeline extract`): training precision (auto = bf16 where the device has native bf16), torch.compile of the
+# train step, SyncBatchNorm under torchrun, where each rank keeps its images
+PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "on", "off")
+SYNC_BN_MODES = ("auto", "on", "off")
+DATA_ON = ("auto", "device", "host")
+
 EVAL_POINTS = 50  # default --eval-every: about this many test evaluations per run (always the last epoch)
 CHECKPOINT_EVERY = 5  # epochs between atomic checkpoints (the final epoch is always saved)
 EXTRACT_BATCH = 1024  # batch size for feature extraction / BN recalibration (no gradients)
@@ -117,7 +126,7 @@ HEAD_DEFAULTS = dict(
 )
 
 # ----------------------------------------------------------------------------------------------------
-# Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; fit.py
+# Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; stage2/fit.py
 # writes these columns, the report reads them, the CLI takes its choices from here)
 RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
                   "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",

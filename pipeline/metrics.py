@@ -24,6 +24,11 @@ def per_class_accuracy(pred, labels, num_classes: int) -> np.ndarray:
         return correct / total
 
 
+def balanced_accuracy(pred, labels, num_classes: int) -> float:
+    """Mean per-class accuracy (a fraction) over the classes present in ``labels``: the report's "All" / 100."""
+    return float(np.nanmean(per_class_accuracy(pred, labels, num_classes)))
+
+
 def shot_accuracy(per_class_acc, groups) -> dict:
     """Decoupling's shot_acc: mean of per-class accuracies within each group, in percent.
 

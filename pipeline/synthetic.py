@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 
 from .cache import write_cache
-from .data import lt_counts
+from .stage1.data import lt_counts
 
 
 def synthetic_features(num_classes=10, dim=16, imbalance=100.0, n_max=500, n_test=50, tail_spread=2.0,
@@ -34,8 +34,8 @@ def synthetic_features(num_classes=10, dim=16, imbalance=100.0, n_max=500, n_tes
         return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
 
     tx, ty = draw(counts)
-    vx, vy = draw([n_test] * num_classes)
-    return tx, ty, vx, vy, counts, means, spreads
+    test_x, test_y = draw([n_test] * num_classes)
+    return tx, ty, test_x, test_y, counts, means, spreads
 
 
 def _hash(*arrays) -> str:
@@ -49,12 +49,12 @@ def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16
                          n_max=500, n_test=50, tail_spread=2.0, separation=3.0, seed=0, bn_recal=True,
                          with_val=False, epochs=3):
     """Write a synthetic cache at ``path`` and return the path."""
-    tx, ty, vx, vy, counts, means, spreads = synthetic_features(num_classes, dim, imbalance, n_max, n_test,
-                                                                tail_spread, separation, seed)
+    tx, ty, test_x, test_y, counts, means, spreads = synthetic_features(num_classes, dim, imbalance, n_max, n_test,
+                                                                        tail_spread, separation, seed)
     mu = np.stack([tx[ty == c].mean(0) for c in range(num_classes)])
     weight = mu
     bias = -0.5 * (mu ** 2).sum(1) + np.log(counts)
-    variants = {"plain": {"train": (tx, ty), "test": (vx, vy)}}
+    variants = {"plain": {"train": (tx, ty), "test": (test_x, test_y)}}
     if with_val:  # a separate draw from the same class distributions (never a subset of the test set)
         rng = np.random.default_rng(seed + 1)
         n_val = max(1, n_test // 2)
@@ -72,7 +72,7 @@ def make_synthetic_cache(path, *, dataset="synthetic-lt", num_classes=10, dim=16
                                   tail_spread=tail_spread, separation=separation),
                       # stands in for the hash of trained weights: it makes the cache fingerprint tell apart
                       # synthetic caches that differ in anything but the run identity (dim, spread, ...)
-                      weights_sha256=_hash(tx, ty, vx, vy),
+                      weights_sha256=_hash(tx, ty, test_x, test_y),
                       data_source="synthetic Gaussian features (pipeline.synthetic)")
     return write_cache(path, provenance=provenance, class_names=[f"class{c}" for c in range(num_classes)],
                        train_counts=counts, classifier_weight=weight, classifier_bias=bias,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import os
 import re
@@ -59,16 +60,33 @@ def check_writable_dir(path, option: str = "--cache-dir") -> Path:
     return path
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # what --device accepts, in every command
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str = "auto"):
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' -> torch.device."""
     import torch
+    if not re.fullmatch(DEVICE_PATTERN, str(device)):
+        raise UserError(f"--device must be {DEVICE_HELP}, got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
     return torch.device(device)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16; elsewhere torch emulates
+    them, slower than fp32): the one check behind stage 1's ``--precision auto`` and the stage-2 heads'
+    ``matmul`` auto."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux
+        flags = set()
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @contextlib.contextmanager

@@ -38,15 +38,15 @@ def pytest_runtest_setup(item):
 
 def tiny_dataset(num_classes=4, per_class=(12, 8, 4, 2), n_test=4, size=8, seed=0):
     """An in-memory LTDataset of random uint8 images (for fast training tests)."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     rng = np.random.default_rng(seed)
     ty = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)]).astype(np.int64)
-    vy = np.repeat(np.arange(num_classes), n_test).astype(np.int64)
+    test_y = np.repeat(np.arange(num_classes), n_test).astype(np.int64)
     # class-dependent brightness so the task is learnable
     tx = (rng.integers(0, 64, (len(ty), size, size, 3)) + 40 * ty[:, None, None, None]).astype(np.uint8)
-    vx = (rng.integers(0, 64, (len(vy), size, size, 3)) + 40 * vy[:, None, None, None]).astype(np.uint8)
+    test_x = (rng.integers(0, 64, (len(test_y), size, size, 3)) + 40 * test_y[:, None, None, None]).astype(np.uint8)
     return LTDataset(name="cifar10-lt", class_names=[f"c{i}" for i in range(num_classes)],
-                     train=Split(tx, ty), test=Split(vx, vy), imbalance=float(per_class[0] / per_class[-1]),
+                     train=Split(tx, ty), test=Split(test_x, test_y), imbalance=float(per_class[0] / per_class[-1]),
                      source="tiny random test data")
 
 

@@ -9,8 +9,8 @@ from torchvision import transforms as T1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.augment import (CIFAR10_POLICY, BatchAugment, apply_op, autoaugment, cutout, draw_autoaugment,
-                              draw_cutout, op_magnitude, pad_crop_flip, resized_crop, rrc_params)
+from pipeline.stage1.augment import (CIFAR10_POLICY, BatchAugment, apply_op, autoaugment, cutout, draw_autoaugment,
+                                     draw_cutout, op_magnitude, pad_crop_flip, resized_crop, rrc_params)
 
 CPU = torch.device("cpu")
 

@@ -6,9 +6,9 @@ from click.testing import CliRunner
 
 from pipeline.cache import read_cache, repack_cache, write_cache
 from pipeline.cli import cli
-from pipeline.fit import fit_head
+from pipeline.stage2.fit import fit_head
 from pipeline.synthetic import make_synthetic_cache
-from pipeline.train import extract
+from pipeline.stage1.extract import extract
 
 from .conftest import tiny_dataset
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.data import (ldam_subset, load_cifar, load_dataset, lt_counts, read_split_file,
-                           split_class_names)
+from pipeline.stage1.data import ldam_subset, load_cifar, load_dataset, lt_counts, read_split_file, split_class_names
 from pipeline.metrics import class_groups
 from pipeline.utils import UserError
 

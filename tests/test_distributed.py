@@ -109,14 +109,15 @@ def _update_rel_diff(a: dict, b: dict, init: dict) -> float:
 def _one_process(folder, tmp_path, exact_bn: bool, monkeypatch):
     """The one-process run of EQUIV in this process (train() itself), optionally with GlooSyncBatchNorm's
     arithmetic for BatchNorm; returns (state dict as numpy, initial state dict)."""
-    import pipeline.train as T
-    from pipeline.data import load_dataset
-    from pipeline.distributed import convert_sync_bn
-    from pipeline.models import create_model
+    import pipeline.stage1.train as T
+    from pipeline.stage1.plan import resolve_config
+    from pipeline.stage1.data import load_dataset
+    from pipeline.stage1.distributed import convert_sync_bn
+    from pipeline.stage1.models import create_model
     ds = load_dataset("imagefolder", folder, 1.0)
     if exact_bn:
         monkeypatch.setattr(T, "create_model", lambda *a: convert_sync_bn(create_model(*a), "cpu"))
-    cfg = T.resolve_config(ds, **EQUIV)
+    cfg = resolve_config(ds, **EQUIV)
     model, _ = T.train(ds, cfg, tmp_path / ("exact" if exact_bn else "native"), "cpu", deterministic=True,
                        log=lambda *a: None)
     monkeypatch.undo()
@@ -152,21 +153,22 @@ def test_torchrun_two_ranks_equal_one_process(two_rank_run, folder, tmp_path, mo
             np.testing.assert_allclose(two[k], exact[k], rtol=2e-2, atol=2e-3, err_msg=k)
 
     # the cache holds what one process computes from the same weights
-    from pipeline.augment import BatchAugment
-    from pipeline.models import create_model
-    from pipeline.train import predict_features, recalibrate_bn, to_device_uint8
+    from pipeline.stage1.augment import BatchAugment
+    from pipeline.stage1.models import create_model
+    from pipeline.stage1.evaluate import predict_features, recalibrate_bn
+    from pipeline.stage1.shards import Shard
     model = create_model("resnet32", ds.num_classes)
     model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in two.items()})
     model = model.to(memory_format=torch.channels_last).eval()
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
     for split, sp in ds.splits().items():
-        x = to_device_uint8(sp.images, "cpu", channels_last=True)
+        x = Shard(sp.images, "cpu").local
         f, y = c.split(split, "plain")
         np.testing.assert_array_equal(y, sp.labels)
         np.testing.assert_allclose(f, predict_features(model, x, aug)[0], rtol=1e-4, atol=1e-5)
-    recal = recalibrate_bn(model, to_device_uint8(ds.train.images, "cpu", channels_last=True), aug)
+    recal = recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug)
     f, _ = c.split("test", "bn_recal")
-    ref = predict_features(recal, to_device_uint8(ds.test.images, "cpu", channels_last=True), aug)[0]
+    ref = predict_features(recal, Shard(ds.test.images, "cpu").local, aug)[0]
     np.testing.assert_allclose(f, ref, rtol=1e-3, atol=1e-3)
 
 
@@ -255,9 +257,9 @@ def test_torchrun_bad_input_refused_once_on_every_rank(two_rank_run, folder, tmp
 # in one process: the image store, --data-on host, augmentation slices, identity
 
 def test_image_store_reused_rebuilt_refused(tmp_path, monkeypatch):
-    from pipeline import data
-    from pipeline.data import load_dataset
-    from pipeline.store import ImageStore
+    from pipeline.stage1 import data
+    from pipeline.stage1.data import load_dataset
+    from pipeline.stage1.store import ImageStore
     root = make_image_folder(tmp_path / "img", per_class=(3, 2), classes=2, size=16)
     logs = []
     store = ImageStore(tmp_path / "cache" / "images", log=logs.append)
@@ -278,7 +280,7 @@ def test_image_store_reused_rebuilt_refused(tmp_path, monkeypatch):
     assert decoded == [] and [s for _, s, _ in store.events[2:]] == ["reused", "reused"]
     assert isinstance(second.train.images, np.memmap)
     np.testing.assert_array_equal(second.train.images, plain.train.images)
-    from pipeline.train import data_hash
+    from pipeline.stage1.plan import data_hash
     assert data_hash(second) == data_hash(plain)
 
     # truncated -> rebuilt, with a line saying why
@@ -326,7 +328,7 @@ def test_extract_cli_uses_image_store(tmp_path):
 
 
 def test_data_on_host_equals_device(tmp_path):
-    from pipeline.train import extract
+    from pipeline.stage1.extract import extract
     from .conftest import tiny_dataset
     ds = tiny_dataset(size=16)
     kw = dict(epochs=2, batch_size=8, warmup_epochs=0, precision="fp32", deterministic=True, device="cpu",
@@ -344,7 +346,7 @@ def test_data_on_host_equals_device(tmp_path):
 @pytest.mark.parametrize("kind", ["cifar", "cifar-autoaug", "imagenet"])
 def test_augment_slice_of_global_batch(kind):
     """A rank augmenting rows lo:hi of a global batch gets exactly rows lo:hi of the one-process result."""
-    from pipeline.augment import BatchAugment
+    from pipeline.stage1.augment import BatchAugment
     x = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(4)
     aug = BatchAugment((0.5,) * 3, (0.25,) * 3, torch.device("cpu"), kind, 24 if kind == "imagenet" else None, g)
@@ -355,8 +357,9 @@ def test_augment_slice_of_global_batch(kind):
 
 
 def test_sync_bn_default_and_identity():
-    from pipeline.distributed import bn_groups, resolve_sync_bn
-    from pipeline.train import identity_diff, resolve_config
+    from pipeline.stage1.distributed import bn_groups, resolve_sync_bn
+    from pipeline.stage1.checkpoint import identity_diff
+    from pipeline.stage1.plan import resolve_config
     from .conftest import tiny_dataset
     assert resolve_sync_bn("auto", "resnet32", 512, 8) is True          # ResNet-32: always, when N > 1
     assert resolve_sync_bn("auto", "resnet10", 512, 8) is False         # 64 per GPU: per-GPU BN
@@ -374,7 +377,7 @@ def test_sync_bn_default_and_identity():
 
 def test_resnet50_backbone():
     """--backbone resnet50 (the usual iNaturalist 2018 backbone): torchvision's ResNet-50, 2048-d features."""
-    from pipeline.models import create_model
+    from pipeline.stage1.models import create_model
     m = create_model("resnet50", 7).eval()
     assert sum(p.numel() for p in m.parameters()) == 23_522_375  # torchvision resnet50 with a 7-way fc
     x = torch.randn(2, 3, 64, 64)

@@ -1,4 +1,4 @@
-"""`pipeline fit-head` and the results.csv / artifact contract (pipeline.fit)."""
+"""`pipeline fit-head` and the results.csv / artifact contract (pipeline.stage2.fit)."""
 from __future__ import annotations
 
 import csv
@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from pipeline.cache import read_cache, write_cache
 from pipeline.cli import cli
 from pipeline.config import RESULT_COLUMNS
-from pipeline.fit import fit_head, record_fit
-from pipeline.heads import HEADS, resolve_matmul
+from pipeline.stage2.fit import fit_head, record_fit
+from pipeline.stage2.heads import HEADS
+from pipeline.stage2.heads.bf16 import resolve_matmul
 from pipeline.synthetic import make_synthetic_cache, synthetic_features
 from pipeline.utils import UserError
 

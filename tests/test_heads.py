@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from pipeline.cache import read_cache
-from pipeline.fit import fit_head as _fit_head
+from pipeline.stage2.fit import fit_head as _fit_head
 from pipeline.config import TAU_NORM_P_GRID
-from pipeline.heads import (HEADS, BalancedSampler, HeadData, HeadOutput, cdnv_readings, class_eigh,
-                            local_projection_dist, metric_logits, multi_ncm_loss, multi_ncm_predict, ncm_loss,
-                            ncm_loss_fast, ncm_predict, register_head)
+from pipeline.stage2.heads import HEADS, HeadData, HeadOutput, register_head
+from pipeline.stage2.heads.kernels import multi_ncm_loss, multi_ncm_predict, ncm_loss, ncm_loss_fast, ncm_predict
+from pipeline.stage2.heads.metric import class_eigh, local_projection_dist, metric_logits
+from pipeline.stage2.heads.ncm import cdnv_readings
+from pipeline.stage2.heads.sgd import BalancedSampler
 from pipeline.synthetic import make_synthetic_cache
 from pipeline.utils import UserError
 

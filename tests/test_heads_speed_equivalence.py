@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.heads as heads
+import pipeline.stage2.heads.bf16 as bf16
+import pipeline.stage2.heads.ncm as ncm
 from pipeline.cache import read_cache
-from pipeline.fit import fit_head
-from pipeline.heads import (HEADS, HeadData, augment_centroids, augment_rows, aug_sq_dists, generators, max_plus,
-                            multi_ncm_loss, multi_ncm_loss_fast, multi_ncm_predict, ncm_loss, ncm_loss_bf16,
-                            ncm_predict, train_sgd)
+from pipeline.stage2.fit import fit_head
+from pipeline.stage2.heads import HEADS, HeadData
+from pipeline.stage2.heads.bf16 import aug_sq_dists, augment_centroids, augment_rows, ncm_loss_bf16
+from pipeline.stage2.heads.kernels import (max_plus, multi_ncm_loss, multi_ncm_loss_fast, multi_ncm_predict, ncm_loss,
+                                           ncm_predict)
+from pipeline.stage2.heads.registry import generators
+from pipeline.stage2.heads.sgd import train_sgd
 from pipeline.synthetic import make_synthetic_cache
 from pipeline.utils import UserError
 
@@ -166,7 +170,7 @@ def test_fast_multi_ncm_fit_is_within_0_1_point_of_fp32(offset_data):
     cpu_gen, gen = generators(data.seed, data.device, stream=2)
     torch.testing.assert_close(torch.as_tensor(out.params["centroids"]), mu, rtol=0, atol=0.05)
     delta = torch.randn(8, data.dim, generator=cpu_gen) * (
-        heads.MULTI_INIT_SCALE * float(np.sqrt(data.class_stats()[1].mean())) / np.sqrt(data.dim))
+        ncm.MULTI_INIT_SCALE * float(np.sqrt(data.class_stats()[1].mean())) / np.sqrt(data.dim))
     delta.requires_grad_(True)
     train_sgd([delta], lambda x, y: multi_ncm_loss(x, y, mu, delta), data, hp, gen, clip=hp["clip"])
     ref = _all(multi_ncm_predict(data.eval_x, mu, delta.detach()), ey)
@@ -200,10 +204,10 @@ def test_one_sample_classes_keep_the_autograd_fit(tmp_path, matmul):
 
 def test_matmul_choice_is_recorded_and_falls_back_without_bf16(monkeypatch, tmp_path):
     c = read_cache(make_synthetic_cache(tmp_path / "f.h5", num_classes=5, dim=8, bn_recal=False))
-    monkeypatch.setattr(heads, "_CPU_BF16", False)
+    monkeypatch.setattr(bf16, "cpu_has_bf16", lambda: False)
     assert fit_head(c, "learned-ncm", epochs=1, device="cpu").hparams["matmul"] == "fp32"
     assert fit_head(c, "multi-ncm", epochs=1, num_centroids=2, device="cpu").hparams["matmul"] == "fp32"
-    monkeypatch.setattr(heads, "_CPU_BF16", True)
+    monkeypatch.setattr(bf16, "cpu_has_bf16", lambda: True)
     assert fit_head(c, "learned-ncm", epochs=1, device="cpu").hparams["matmul"] == "bf16"
     r = fit_head(c, "learned-ncm", epochs=1, device="cpu", matmul="fp32")
     assert r.hparams["matmul"] == "fp32"

@@ -9,10 +9,14 @@ from click.testing import CliRunner
 
 from pipeline.cache import read_cache
 from pipeline.cli import cli
-from pipeline.models import resnet10, resnet32
-from pipeline.augment import BatchAugment
-from pipeline.train import (balms_lr, extract, lr_at, lr_for, recalibrate_bn, resolve_config, to_device_uint8,
-                            train)
+from pipeline.stage1.models import resnet10, resnet32
+from pipeline.stage1.augment import BatchAugment
+from pipeline.stage1.evaluate import recalibrate_bn
+from pipeline.stage1.extract import extract
+from pipeline.stage1.plan import resolve_config
+from pipeline.stage1.schedule import balms_lr, cosine_lr, lr_for
+from pipeline.stage1.shards import Shard
+from pipeline.stage1.train import train
 
 from .conftest import CIFAR10_JPEG, needs_cifar_jpeg, tiny_dataset
 
@@ -38,15 +42,15 @@ def test_resnet10_features():
 
 
 def test_lr_schedule():
-    assert lr_at(0, 100, 10, 0.1) == pytest.approx(0.01)
-    assert lr_at(9, 100, 10, 0.1) == pytest.approx(0.1)
-    assert lr_at(55, 100, 10, 0.1) == pytest.approx(0.05)
-    assert lr_at(99, 100, 10, 0.1) < 0.001
+    assert cosine_lr(0, 100, 10, 0.1) == pytest.approx(0.01)
+    assert cosine_lr(9, 100, 10, 0.1) == pytest.approx(0.1)
+    assert cosine_lr(55, 100, 10, 0.1) == pytest.approx(0.05)
+    assert cosine_lr(99, 100, 10, 0.1) < 0.001
 
 
 def _fake_cifar10_lt(n=12406):
     """An LTDataset with the CIFAR-10-LT beta=100 training-set size (1x1 images: only the size matters)."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     return LTDataset(name="cifar10-lt", class_names=[str(i) for i in range(10)],
                      train=Split(np.zeros((n, 1, 1, 3), np.uint8), np.arange(n) % 10),
                      test=Split(np.zeros((10, 1, 1, 3), np.uint8), np.arange(10)), imbalance=100.0)
@@ -125,7 +129,7 @@ def test_bn_recalibration_changes_stats_not_weights(tmp_path):
     model, _ = train(ds, _cfg(ds, 2), tmp_path, "cpu", deterministic=True, log=lambda *a: None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
-    recalibrate_bn(model, to_device_uint8(ds.train.images, "cpu"), aug)
+    recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug)
     after = model.state_dict()
     params = {k for k, _ in model.named_parameters()}
     assert all(torch.equal(before[k], after[k]) for k in params)
@@ -137,7 +141,7 @@ def test_bn_recalibration_changes_stats_not_weights(tmp_path):
 def test_bn_recalibration_on_class_sorted_data_matches_population():
     """Class-sorted training data (as our arrays are): the re-estimated running mean/var of the first BN
     layer are within 2% of the population statistics of its input over the whole training set."""
-    from pipeline.data import LTDataset, Split
+    from pipeline.stage1.data import LTDataset, Split
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 500)
     x = (rng.integers(0, 40, (2000, 8, 8, 3)) + 60 * y[:, None, None, None]).astype(np.uint8)  # sorted by class
@@ -145,10 +149,10 @@ def test_bn_recalibration_on_class_sorted_data_matches_population():
     torch.manual_seed(0)
     model = resnet32(4)
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
-    xt = to_device_uint8(ds.train.images, "cpu")
+    xt = Shard(ds.train.images, "cpu")
     recalibrate_bn(model, xt, aug, batch=100)
     with torch.no_grad():
-        pre = model.conv1(aug.normalize(xt))  # input of the first BN layer, whole training set
+        pre = model.conv1(aug.normalize(xt.local))  # input of the first BN layer, whole training set
     mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))
     bn = model.bn1
     np.testing.assert_allclose(bn.running_mean, mean, rtol=0.02, atol=0.02 * mean.abs().max().item())

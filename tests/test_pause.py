@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
-from pipeline.train import extract, resolve_config, train
+from pipeline.stage1.pause import EXIT_PAUSED, PauseControl, RunPaused, parse_duration
+from pipeline.stage1.plan import resolve_config
+from pipeline.stage1.train import train
 from pipeline.utils import UserError
 
 from .conftest import tiny_dataset, write_cifar_python

@@ -1,7 +1,7 @@
 """Reports (pipeline.report, run_all.sh) on small synthetic caches with hand-written fit rows.
 
 The fit rows follow stage 2's results.csv contract (columns, npz artifacts) without calling stage 2, so
-these tests do not depend on pipeline.fit; the end-to-end run_all.sh test further down does.
+these tests do not depend on pipeline.stage2.fit; the end-to-end run_all.sh test further down does.
 """
 import csv
 import json
@@ -477,12 +477,12 @@ def test_seeds_are_grouped_by_recipe_identity(tmp_path):
                 epochs=520, batch_size=512, lr=0.1, data_hash="d0")
     for run, seed, over in (("a", 0, dict(precision="bf16")), ("b", 1, dict(precision="fp32")),
                             ("c", 2, dict(precision="bf16", lr=0.2))):
-        tx, ty, vx, vy, counts, means, _ = synthetic_features(num_classes=10, dim=4, n_max=200, seed=seed)
+        tx, ty, test_x, test_y, counts, means, _ = synthetic_features(num_classes=10, dim=4, n_max=200, seed=seed)
         cfg = dict(base, seed=seed, **over)
         (root / run).mkdir(parents=True)
         write_cache(root / run / "features.h5", provenance=dict(cfg, config=cfg, weights_sha256=f"w{seed}"),
                     class_names=[str(i) for i in range(10)], train_counts=counts, classifier_weight=means,
-                    classifier_bias=np.zeros(10), features={"plain": {"train": (tx, ty), "test": (vx, vy)}})
+                    classifier_bias=np.zeros(10), features={"plain": {"train": (tx, ty), "test": (test_x, test_y)}})
     ctx = rp.load_context(str(root))
     assert sorted(sorted(c.run for c in g.caches) for g in ctx.groups) == [["a", "b"], ["c"]]
     assert len({c.fingerprint for c in ctx.infos}) == 3
@@ -511,7 +511,7 @@ def test_pick_row_treats_matmul_as_a_computation_detail():
 
     import pandas as pd
 
-    from pipeline.heads import HEADS
+    from pipeline.stage2.heads import HEADS
     from pipeline.report.paper import Spec
     from pipeline.report.runs import pick_row
     hp = {k: v for k, v in HEADS["learned-ncm"].defaults.items() if k != "matmul"}

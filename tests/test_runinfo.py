@@ -2,8 +2,9 @@
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.runinfo import describe, in_flight, run_progress
-from pipeline.train import resolve_config, train
+from pipeline.stage1.runinfo import describe, in_flight, run_progress
+from pipeline.stage1.plan import resolve_config
+from pipeline.stage1.train import train
 
 from .conftest import tiny_dataset
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import read_cache
+from pipeline.cache import read_cache, weights_sha256
 from pipeline.metrics import evaluate
 
 from .conftest import CIFAR10_JPEG, needs_cifar_jpeg
@@ -43,9 +43,8 @@ def test_shipped_cache_is_valid_and_consistent(path):
 @needs_cifar_jpeg
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
 def test_shipped_weights_reproduce_shipped_features(path):
-    from pipeline.data import load_dataset
-    from pipeline.models import create_model
-    from pipeline.train import weights_sha256
+    from pipeline.stage1.data import load_dataset
+    from pipeline.stage1.models import create_model
     c = read_cache(path)
     p = c.provenance
     model = create_model(p["backbone"], c.num_classes)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis
+from ..cache import CACHE_FILE
 from ..utils import UserError, atomic_path, git_commit
 from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
 from .runs import ReportContext, as_float, expected_run, fit_command, pick_row
@@ -26,7 +27,7 @@ def _plt():
 
 def source_line(c) -> str:
     """Where a figure's numbers come from: the cache, its identity and the stage-1 run that made it."""
-    return (f"source: {c.rel}/features.h5 fingerprint {c.fingerprint} dataset {c.dataset} imbalance "
+    return (f"source: {c.rel}/{CACHE_FILE} fingerprint {c.fingerprint} dataset {c.dataset} imbalance "
             f"{fmt_beta(c.imbalance) if c.imbalance else 'natural'} stage1_epochs {c.epochs} seed {c.seed} "
             f"recipe {c.config.get('recipe') or 'not recorded'} stage1_commit {c.prov.get('git_commit', '')} "
             f"data {c.data_label()}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METRICS = ("all", "many", "medium", "few")
+from ..config import ACCURACY_KEYS
+
+METRICS = ACCURACY_KEYS  # the accuracies of a table cell: All, Many, Medium, Few
 METRIC_LABEL = {"all": "All", "many": "Many", "medium": "Med", "few": "Few"}
 TAU_SWEEP = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # Fig. 5
 LA_TAU = 0.125  # "+LA" rows of the paper (Sec. 4.3: tau = 1/8)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cache import read_cache, run_name
+from ..cache import CACHE_FILE, provenance_config, read_cache, run_name
 from ..config import DEFAULT_RECIPE, RECIPES, RESULT_COLUMNS, recipe_identity
-from ..heads import HEADS
+from ..stage2.heads import HEADS
 from ..utils import UserError
 from .paper import DATASET_LABEL, FAMILY, METRICS, NATURAL_SPLIT, Spec, fmt_beta, fmt_tau
 
@@ -27,8 +27,6 @@ DEFAULT_DATA_ROOTS = {"cifar10-lt": "../shared/data/cifar10-jpeg", "cifar100-lt"
                       "places-lt": "<PLACES_LT_ROOT>", "inat2018": "<INAT2018_ROOT>"}
 # fit-head flags for the hyperparameters that select a table row
 HPARAM_FLAGS = {"metric": "--metric", "distance": "--distance", "num_centroids": "--num-centroids", "p": "--p"}
-# provenance fields that also sit at the top level of a cache's provenance (older and synthetic caches)
-_TOP_LEVEL = ("dataset", "imbalance", "subset_seed", "backbone", "epochs", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ class CacheInfo:
     def recipe_deviations(self) -> list:
         """How this run's stage-1 config differs from the paper's recipe for its family ([] = it is it)."""
         name = DEFAULT_RECIPE[FAMILY.get(self.dataset, "cifar")]
-        cfg = {**{k: self.prov.get(k) for k in _TOP_LEVEL}, **self.config}
+        cfg = provenance_config(self.prov)
         out = [] if cfg.get("recipe") == name else [f"recipe {cfg.get('recipe') or 'not recorded'} (paper: {name})"]
         for k, v in RECIPES[name].items():
             if k != "family" and cfg.get(k) != v:
@@ -96,8 +94,7 @@ def data_label(prov: dict, dataset: str | None = None) -> str:
 
 def group_key(prov: dict, dataset: str) -> str:
     """Runs with the same key are repeats of one recipe (config.recipe_identity: all but seed and precision)."""
-    cfg = prov.get("config") if isinstance(prov.get("config"), dict) else {}
-    ident = recipe_identity({**{k: prov.get(k) for k in _TOP_LEVEL}, **cfg})
+    ident = recipe_identity(provenance_config(prov))
     ident["dataset"] = dataset  # the table's dataset (an ImageFolder of the CIFAR-10 JPEGs is cifar10-lt)
     return json.dumps(ident, sort_keys=True, default=str)
 
@@ -186,12 +183,12 @@ class Group:
 
 
 def discover(cache_root, warnings: list) -> list:
-    """Every readable cache under cache_root/*/features.h5 with its fit rows."""
+    """Every readable cache under cache_root/*/features.h5 (cache.CACHE_FILE) with its fit rows."""
     root = Path(cache_root)
     infos = []
     if not root.is_dir():
         return infos
-    for h5 in sorted(root.glob("*/features.h5")):
+    for h5 in sorted(root.glob(f"*/{CACHE_FILE}")):
         try:
             c = read_cache(h5)
         except UserError as e:

@@ -2,7 +2,7 @@
 that error (rank 0 prints it, once) and exit 2 -- none left waiting in a collective."""
 import sys
 
-from pipeline.distributed import init_distributed
+from pipeline.stage1.distributed import init_distributed
 from pipeline.utils import UserError
 
 dist = init_distributed("cpu")

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from .utils import UserError
+from ..utils import UserError
 
 EXIT_PAUSED = 3  # `pipeline extract` paused (time limit or signal): the checkpoint is written, re-run to continue
 PAUSE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # SLURM's --signal, preemption notices, Ctrl-C

@@ -12,6 +12,9 @@ swaps them with one ``all_to_all_single`` of uint8 rows (every rank derives all 
 the shared permutation, no extra round trip).  Together with the augmentation drawing the whole global
 batch's random numbers and keeping the slice (``BatchAugment(..., rows=)``), rank r sees exactly rows
 slice_r of the single-process run's augmented batch.
+
+One process is the same code: a job of one rank, whose block is the whole split and whose slice of every
+batch is all of it (:meth:`Shard.take` indexes the block where it lives, no exchange).
 """
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from ..config import DATA_ON
+from ..utils import UserError
 from .distributed import SINGLE, Dist
-from .utils import UserError
 
-DATA_ON = ("auto", "device", "host")
 DEVICE_HEADROOM = 0.25  # --data-on auto: the data may use at most this much less than the free device memory
 
 
@@ -77,10 +80,6 @@ class Shard:
         """The whole block as NCHW (channels_last), where it lives."""
         return self.nhwc.permute(0, 3, 1, 2)
 
-    @property
-    def nbytes(self) -> int:
-        return self.nhwc.numel()
-
     def _gather_rows(self, rows: np.ndarray) -> torch.Tensor:
         """Rows (block-local indices) as a contiguous NHWC tensor on the device."""
         if self.on == "device":
@@ -101,9 +100,23 @@ class Shard:
         ev.record()
         return out
 
+    def order(self, perm: torch.Tensor):
+        """An epoch's permutation (a tensor on the training device) in the form :meth:`take` reads fastest:
+        the tensor itself for one process with the data on the device (no host round trip per step), else
+        numpy, copied to the host once per epoch."""
+        if not self.dist.active and self.on == "device":
+            return perm
+        return perm.cpu().numpy()
+
+    def gather(self, rows: np.ndarray, to_all: bool = False) -> np.ndarray | None:
+        """Per-image results of this rank's block (e.g. its features), concatenated over the ranks in split
+        order: on rank 0, or on every rank with ``to_all`` (None on the others); one process: ``rows``."""
+        return self.dist.gather_rows(rows, self.n, to_all=to_all)
+
     def take(self, idx) -> torch.Tensor:
-        """This rank's slice of the global batch ``idx`` (sample indices into the whole split), NCHW
-        channels_last uint8 on the device; one process: all of it."""
+        """This rank's slice of the global batch ``idx`` (sample indices into the whole split: a slice of
+        :meth:`order`'s result, or any index array), NCHW channels_last uint8 on the device; one process:
+        all of it."""
         if not self.dist.active:
             if self.on == "device":
                 return self.local[idx if torch.is_tensor(idx) else torch.from_numpy(np.asarray(idx))]
@@ -129,10 +142,6 @@ class Shard:
         out = torch.empty_like(recv)
         out[order] = recv
         return out
-
-    def slice_of(self, b: int) -> tuple[int, int]:
-        """Positions [lo, hi) of a global batch of b that this rank trains on."""
-        return self.dist.block(b)
 
 
 def _np(idx) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_path, now_iso
+from ..utils import atomic_path, now_iso
 
 STORE_FORMAT = 1
 
@@ -49,7 +49,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def active(self):
-        """Route pipeline.data.decode_images through this store inside the block."""
+        """Route pipeline.stage1.data.decode_images through this store inside the block."""
         from . import data
         before, data.IMAGE_STORE = data.IMAGE_STORE, self
         try:

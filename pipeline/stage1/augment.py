@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from .config import AUGMENT_KINDS as KINDS
-from .config import CUTOUT_LENGTH
+from ..config import AUGMENT_KINDS as KINDS
+from ..config import CUTOUT_LENGTH
 
 _AA = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)  # holds the policy table and applies single ops
 CIFAR10_POLICY = _AA._policies                      # 25 x ((op, prob, magnitude bin), (op, prob, bin))

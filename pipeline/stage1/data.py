@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
-from .utils import UserError
+from ..config import CIFAR_MEAN, CIFAR_NMAX, CIFAR_STD, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, SUBSET_SEED
+from ..utils import UserError
 
 CIFAR_DATASETS = ("cifar10-lt", "cifar100-lt", "cifar20-lt")
 SPLITFILE_DATASETS = {  # name -> default split-file names inside --data-root
@@ -115,7 +115,7 @@ def _decode(path, size: int | None, resize: int | None):
         return np.asarray(im, dtype=np.uint8)
 
 
-IMAGE_STORE = None  # a pipeline.store.ImageStore while one is active (`with store.active():`)
+IMAGE_STORE = None  # a pipeline.stage1.store.ImageStore while one is active (`with store.active():`)
 
 
 def decode_images(paths, size: int | None = None, resize: int | None = None, desc="decode") -> np.ndarray:
@@ -182,7 +182,7 @@ def _cifar_python(root: Path, which: str):
         names = load("batches.meta")["label_names"]
         tx = np.concatenate([b["data"] for b in tr])
         ty = np.concatenate([b["labels"] for b in tr])
-        vx, vy = te["data"], np.array(te["labels"])
+        test_x, test_y = te["data"], np.array(te["labels"])
     else:
         d = root / "cifar-100-python"
         if not (d / "train").exists():
@@ -193,9 +193,9 @@ def _cifar_python(root: Path, which: str):
         tr, te, meta = load("train"), load("test"), load("meta")
         key = "coarse_labels" if which == "cifar20" else "fine_labels"
         names = meta["coarse_label_names" if which == "cifar20" else "fine_label_names"]
-        tx, ty, vx, vy = tr["data"], np.array(tr[key]), te["data"], np.array(te[key])
+        tx, ty, test_x, test_y = tr["data"], np.array(tr[key]), te["data"], np.array(te[key])
     to_img = lambda a: np.ascontiguousarray(a.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return to_img(tx), ty.astype(np.int64), to_img(vx), vy.astype(np.int64), list(names)
+    return to_img(tx), ty.astype(np.int64), to_img(test_x), test_y.astype(np.int64), list(names)
 
 
 def _cifar_download(root: Path, which: str):
@@ -237,8 +237,8 @@ def load_cifar(name: str, root, imbalance: float, subset_seed: int = SUBSET_SEED
         sub = tr_sel[ldam_subset(tr_y[tr_sel], counts, subset_seed)]
         tx = decode_images([tr_paths[i] for i in sub], desc="decode train")
         ty = tr_y[sub]
-        vx = decode_images([te_paths[i] for i in te_sel], desc="decode test")
-        vy = te_y[te_sel]
+        test_x = decode_images([te_paths[i] for i in te_sel], desc="decode test")
+        test_y = te_y[te_sel]
         source = f"ImageFolder {root} (JPEG)"
     else:
         got = _cifar_python(root, "cifar10" if which == "cifar10" else which)
@@ -249,14 +249,14 @@ def load_cifar(name: str, root, imbalance: float, subset_seed: int = SUBSET_SEED
             folder = "cifar-10-batches-py" if which == "cifar10" else "cifar-100-python"
             raise UserError(f"no CIFAR data in {root}: expected {root}/{folder}/ (torchvision python format) or "
                             f"{root}/train/<class>/ + {root}/test/<class>/; add --download to fetch it")
-        tx_all, ty_all, vx_all, vy_all, names = got
+        tx_all, ty_all, test_x_all, test_y_all, names = got
         tr_sel = _first_k_per_class(ty_all, train_limit)
-        te_sel = _first_k_per_class(vy_all, test_limit)
+        te_sel = _first_k_per_class(test_y_all, test_limit)
         counts = lt_counts(min(n_max, train_limit or n_max), len(names), imbalance)
         sub = tr_sel[ldam_subset(ty_all[tr_sel], counts, subset_seed)]
-        tx, ty, vx, vy = tx_all[sub], ty_all[sub], vx_all[te_sel], vy_all[te_sel]
+        tx, ty, test_x, test_y = tx_all[sub], ty_all[sub], test_x_all[te_sel], test_y_all[te_sel]
         source = f"CIFAR python format {root}"
-    return LTDataset(name=name, class_names=list(names), train=Split(tx, ty), test=Split(vx, vy),
+    return LTDataset(name=name, class_names=list(names), train=Split(tx, ty), test=Split(test_x, test_y),
                      imbalance=float(imbalance), subset_seed=subset_seed, source=source,
                      extra=dict(train_limit=train_limit, test_limit=test_limit))
 
@@ -302,7 +302,7 @@ def split_class_names(paths, labels) -> list:
     return [n if n is not None else str(c) for c, n in enumerate(names)]
 
 
-def load_split_files(name: str, image_root, train_file, val_file, test_file, image_size=224,
+def load_split_files(name: str, image_root, train_file, val_file, test_file, image_size=IMAGE_SIZE["imagenet"],
                      resize=None) -> LTDataset:
     image_root = Path(image_root)
     if not image_root.exists():
@@ -383,4 +383,4 @@ def load_dataset(name: str, data_root, imbalance: float = 100.0, subset_seed: in
     for i in (1, 2):  # a default val/test list that is absent is optional (iNaturalist has no test list)
         if split_files[i] is None and files[i] is not None and not files[i].exists():
             files[i] = None
-    return load_split_files(name, image_root or data_root, *files, image_size=image_size or 224)
+    return load_split_files(name, image_root or data_root, *files, image_size=image_size or IMAGE_SIZE["imagenet"])

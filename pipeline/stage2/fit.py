@@ -1,7 +1,7 @@
 """Stage 2: fit one head on a cached feature split, evaluate it, and record the fit.
 
 ``fit_head`` validates everything *before* any fitting (so a bad request never produces a results row),
-runs the head from :mod:`pipeline.heads` on the chosen device, and returns a :class:`FitResult`.
+runs the head from :mod:`pipeline.stage2.heads` on the chosen device, and returns a :class:`FitResult`.
 ``record_fit`` writes the fit artifact ``<cache dir>/fits/<fit_id>.npz`` and appends one row to
 ``<cache dir>/results.csv`` (columns :data:`pipeline.config.RESULT_COLUMNS`, in that order).  Earlier rows
 are never rewritten: the new file is the old bytes plus one line, written to a temporary file and moved
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import FeatureCache, read_cache
-from .config import EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
+from ..cache import FeatureCache, read_cache
+from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
 from .heads import HEADS, HeadData, check_hparams
-from .metrics import evaluate
-from .utils import UserError, atomic_path, git_commit, now_iso, resolve_device
+from ..metrics import evaluate
+from ..utils import UserError, atomic_path, git_commit, now_iso, resolve_device
 
 
 @dataclass
@@ -139,7 +139,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
     seconds = time.perf_counter() - start  # .cpu() above synchronises a CUDA fit
     res = evaluate(pred, ey, cache.groups)
-    acc = {k: res[k] for k in ("all", "many", "medium", "few")}
+    acc = {k: res[k] for k in ACCURACY_KEYS}
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
                      hparams={**hp, **out.chosen, "eval_split": eval_split}, ignored=ignored,

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .utils import UserError, resolve_device
+from ..config import SYNC_BN_MODES
+from ..utils import UserError, resolve_device
 
-SYNC_BN_MODES = ("auto", "on", "off")
 SMALL_RANK_BATCH = 32  # --sync-bn auto turns SyncBN on when the per-rank batch falls below this
 
 
@@ -110,6 +109,14 @@ class Dist:
     def barrier(self):
         if self.active:
             tdist.barrier()
+
+    def any_rank(self, why: str | None, device) -> str | None:
+        """A reason (to pause) agreed by all ranks: every rank has one when any rank has one (a signal, its
+        clock); one process: its own."""
+        if not self.active:
+            return why
+        votes = self.all_reduce_sum(torch.tensor([float(why is not None)], device=device))
+        return why or ("another rank" if float(votes[0]) > 0 else None)
 
     def close(self):
         if self.active and tdist.is_initialized():

@@ -1,0 +1,155 @@
+"""Planning a stage-1 run before any training: the resolved config (recipe + overrides + the data's identity),
+the run folder, and whether an existing cache already is this run.  Also the run-wide switches
+(torch.compile, determinism) that do not change what is trained."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import CACHE_FILE, read_cache, run_name
+from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY
+from ..utils import UserError, check_writable_dir
+from .checkpoint import CHECKPOINT_FILE, CURVE_FILE, identity_diff
+from .data import LTDataset
+from .distributed import Dist, bn_groups, resolve_sync_bn
+from .evaluate import BN_RECAL_METHOD
+from .models import MODELS
+from .precision import resolve_precision
+
+
+def data_hash(dataset: LTDataset) -> str:
+    """Hash of the decoded pixels and labels of every split: the data's identity, wherever it was read from
+    (a re-run on other pixels must not reuse a checkpoint or cache made from these)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, sp in sorted(dataset.splits().items()):
+        h.update(name.encode())
+        for arr in (sp.images, sp.labels):
+            arr = np.ascontiguousarray(arr)
+            h.update(str((arr.dtype.str, arr.shape)).encode())
+            h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _recipe(dataset: LTDataset, recipe: str | None) -> tuple[str, dict]:
+    """The named recipe (default: the dataset family's), checked against the dataset's family."""
+    name = recipe or DEFAULT_RECIPE[dataset.family]
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    base = dict(RECIPES[name])
+    if base.pop("family") != dataset.family:
+        fits = [r for r, v in RECIPES.items() if v["family"] == dataset.family]
+        raise UserError(f"recipe {name!r} is for {RECIPES[name]['family']} data, but {dataset.name} is "
+                        f"{dataset.family} data; use --recipe {' or '.join(fits)}")
+    return name, base
+
+
+def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -> dict:
+    """The named recipe (default: the dataset family's, config.DEFAULT_RECIPE) updated with the non-None
+    overrides, plus the dataset's identity.  The budget is `iterations` or `epochs`: giving one drops the
+    recipe's other; iterations become epochs = ceil(iterations / steps per epoch), as BALMS does."""
+    name, base = _recipe(dataset, recipe)
+    cfg = dict(dict.fromkeys(RUN_IDENTITY), **base)
+    cfg.update(recipe=name, seed=0, compile="off", eval_every=None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "iterations" in given:
+        raise UserError("give the budget as --epochs or --iterations, not both")
+    if "epochs" in given:
+        cfg["iterations"] = None
+    if "iterations" in given:
+        cfg["epochs"] = None
+    cfg.update(given)
+    if cfg["backbone"] not in MODELS:
+        raise UserError(f"unknown backbone {cfg['backbone']!r}; choose one of {', '.join(MODELS)}")
+    for k in ("epochs", "iterations", "batch_size"):
+        if cfg.get(k) is not None and int(cfg[k]) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    n = int(len(dataset.train.labels))
+    steps = math.ceil(n / int(cfg["batch_size"]))
+    if cfg["epochs"] is None:
+        cfg["epochs"] = math.ceil(int(cfg["iterations"]) / steps)
+    if cfg["schedule"] == "balms" and "warmup_epochs" not in given:
+        cfg["warmup_epochs"] = math.ceil(int(cfg["warmup_iterations"]) / steps)
+    if cfg["eval_every"] is None:
+        cfg["eval_every"] = max(1, math.ceil(cfg["epochs"] / EVAL_POINTS))
+    cfg.update(dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
+               num_classes=dataset.num_classes, train_size=n, steps_per_epoch=steps,
+               image_size=int(dataset.train.images.shape[1]),
+               train_limit=dataset.extra.get("train_limit"), test_limit=dataset.extra.get("test_limit"),
+               mean=list(dataset.mean), std=list(dataset.std), source=dataset.source,
+               data_hash=data_hash(dataset))
+    return cfg
+
+
+def resolve_compile(compile_mode: str, device) -> bool:
+    """--compile auto: torch.compile the train step on CUDA only.  On CPU the compiled ResNet-32 step showed
+    no reliable gain over eager bf16 channels_last for a minute of compilation (docs/performance.md), so
+    auto leaves it off there."""
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if compile_mode == "auto":
+        return torch.device(device).type == "cuda"
+    return compile_mode == "on"
+
+
+def set_determinism(deterministic: bool, device):
+    """--deterministic: deterministic algorithms (a CPU run repeats bit for bit); else cuDNN autotuning."""
+    if deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided before training (broadcast to every rank)."""
+    cfg: dict            # the resolved config (config.run_identity of it is the run's identity)
+    sync_bn: bool        # SyncBatchNorm under torchrun
+    run_dir: Path
+    done: bool           # the run's cache is up to date: nothing to do
+
+    @property
+    def cache_path(self) -> Path:
+        return self.run_dir / CACHE_FILE
+
+
+def _cache_is_current(cache_path: Path, cfg: dict, bn_recalibrate: bool, allow_precision_change, log) -> bool:
+    """Whether the existing cache is this run (and has the bn_recal features when asked); an existing cache
+    of another identity is refused."""
+    have = read_cache(cache_path)
+    diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
+    if diff:
+        raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
+                        "use another --run-name / --cache-dir, or --overwrite to replace it")
+    recal_ok = "bn_recal" in have.variants and have.provenance.get("bn_recal_method") == BN_RECAL_METHOD
+    if not bn_recalibrate or recal_ok:
+        log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
+        return True
+    log(f"cache {cache_path}: (re)building its bn_recal features with {BN_RECAL_METHOD}")
+    return False
+
+
+def plan_run(dataset: LTDataset, cache_dir, run, device, precision: str, dist: Dist, sync_bn: str,
+             overwrite: bool, bn_recalibrate: bool, allow_precision_change: bool, log, **overrides) -> Plan:
+    """Rank 0 (it alone hashes the data and reads the run folder): the config, the run folder, and whether
+    its cache is already up to date.  ``overwrite`` discards the folder's checkpoint and learning curve."""
+    cfg = resolve_config(dataset, precision=resolve_precision(precision, device), **overrides)
+    sync = resolve_sync_bn(sync_bn, cfg["backbone"], cfg["batch_size"], dist.world)
+    cfg["bn_groups"] = bn_groups(dist.world, sync)  # identity: None = BatchNorm over the global batch
+    name = run or run_name(dataset.name, dataset.imbalance, cfg["backbone"], cfg["seed"], cfg["recipe"])
+    run_dir = check_writable_dir(Path(cache_dir) / name)
+    plan = Plan(cfg, sync, run_dir, False)
+    if plan.cache_path.exists() and not overwrite:
+        plan.done = _cache_is_current(plan.cache_path, cfg, bn_recalibrate, allow_precision_change, log)
+    if overwrite:
+        for p in (run_dir / CHECKPOINT_FILE, run_dir / CURVE_FILE):
+            p.unlink(missing_ok=True)
+    return plan
