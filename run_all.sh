@@ -131,7 +131,7 @@ shopt -s nullglob
 CACHES=("$CACHE_ROOT"/*/features.h5)
 shopt -u nullglob
 if [[ ${#CACHES[@]} -eq 0 ]]; then
-  echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5; the report will list every cell as not run" >&2
+  echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5: nothing to fit, and the report will refuse" >&2
   echo "            (create caches with \`pipeline extract ...\` or rerun with --extract-missing)" >&2
 fi
 LIST_FLAGS=(--list-fits)

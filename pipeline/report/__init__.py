@@ -21,13 +21,14 @@ Modules: ``paper`` (the transcribed tables, pure data), ``runs`` (finding caches
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import RESULT_COLUMNS  # noqa: F401  (re-exported: the contract the report reads)
-from ..utils import UserError, atomic_path, check_writable_dir
+from ..utils import UserError, atomic_dir, atomic_path, check_writable_dir
 from .figures import build_figures
 from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
 from .readme import build_readme
@@ -35,7 +36,8 @@ from .runs import ReportContext, fit_args, load_context
 from .tables import LONG_COLUMNS, build_table, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
 __all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
-           "missing_extract_commands", "needed_fits", "parse_data_roots"]
+           "filled_cells", "filled_cells_on_disk", "missing_extract_commands", "needed_fits",
+           "parse_data_roots"]
 
 
 @dataclass
@@ -70,31 +72,94 @@ def _write_text(path: Path, text: str):
         tmp.write_text(text)
 
 
+# What `pipeline report` writes into --out (anything else there is someone's file: never swap it away).
+_OWN_TOP = re.compile(r"(README\.md|table\d+\.(csv|md|tex)|heads|figures|\.gitignore|provenance\.local\.json)")
+_OWN_SUB = {"figures": re.compile(r"fig\w*[-\w.]*\.(png|pdf|csv|json)"), "heads": re.compile(r"[-\w.]+\.(csv|md|tex)")}
+
+
+def _check_out_dir(out_dir: Path):
+    """``out_dir`` must be absent, empty, or a folder of report outputs: it is replaced as a whole."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+    foreign = []
+    for p in sorted(out_dir.iterdir()):
+        if not _OWN_TOP.fullmatch(p.name):
+            foreign.append(p.name)
+        elif p.name in _OWN_SUB:
+            if not p.is_dir():
+                foreign.append(p.name)
+                continue
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if not _OWN_SUB[p.name].fullmatch(q.name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out_dir} holds files that `pipeline report` did not write ({shown}); the report "
+                        "replaces the whole folder, so choose an empty or report-only --out")
+
+
+def filled_cells(tables: dict) -> int:
+    """Table cells with a number of ours (every long-format table: the paper's tables and the every-head
+    tables)."""
+    return int(sum((df["ours"].astype(str) != "").sum() for df in tables.values() if "ours" in df.columns))
+
+
+def filled_cells_on_disk(out_dir) -> int:
+    """:func:`filled_cells` of the report already in ``out_dir`` (0 when there is none)."""
+    out_dir = Path(out_dir)
+    n = 0
+    for f in sorted(out_dir.glob("table*.csv")) + sorted(out_dir.glob("heads/*.csv")):
+        try:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+            continue
+        if "ours" in df.columns:
+            n += int((df["ours"] != "").sum())
+    return n
+
+
 def build_report(cache_root="cache", out_dir="reports", figures: bool = True, tolerance: float = 1.0,
-                 data_roots: dict | None = None, tsne_per_class: int = 300) -> ReportResult:
+                 data_roots: dict | None = None, tsne_per_class: int = 300, force: bool = False) -> ReportResult:
     """Write every table (CSV + Markdown), the figures and README.md under ``out_dir``.
+
+    Never loses output: refuses (UserError) when ``cache_root`` holds no readable cache, or when the new
+    report would fill fewer table cells than the one in ``out_dir`` unless ``force``; builds everything in
+    a temporary folder next to ``out_dir`` and swaps it in only when complete.
 
     ``data_roots`` maps dataset -> data root for the `pipeline extract` commands of cells not run;
     ``tsne_per_class`` caps the samples per class in the Figure 1 t-SNE.
     """
-    out_dir = check_writable_dir(out_dir, "--out")
+    out_dir = Path(out_dir)
     if not Path(cache_root).exists():
         raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass --cache-root")
     ctx = load_context(cache_root, data_roots, tolerance)
-    tables, files = {}, []
-    for t in TABLES:
-        df = build_table(ctx, t)
-        tables[t.name] = df
-        buf = io.StringIO()
-        df.to_csv(buf, index=False, lineterminator="\n")
-        _write_text(out_dir / f"{t.name}.csv", buf.getvalue())
-        _write_text(out_dir / f"{t.name}.md", table_markdown(t, df, tolerance))
-        files += [f"{t.name}.csv", f"{t.name}.md"]
-    figs = build_figures(ctx, out_dir, tsne_per_class) if figures else []
-    for f in figs:
-        files += f.files
-    _write_text(out_dir / "README.md", build_readme(ctx, tables, figs))
-    files.append("README.md")
+    if not ctx.infos:
+        why = f" ({'; '.join(ctx.warnings)})" if ctx.warnings else ""
+        raise UserError(f"nothing to report: no readable cache under {cache_root}/<run>/features.h5{why}; "
+                        f"{out_dir} is left as it is. Create caches with `pipeline extract` (`pipeline report "
+                        "--list-missing` prints the commands) or pass the right --cache-root")
+    _check_out_dir(out_dir)
+    check_writable_dir(out_dir.parent, "--out")
+    tables = {t.name: build_table(ctx, t) for t in TABLES}
+    new, old = filled_cells(tables), filled_cells_on_disk(out_dir)
+    if new < old and not force:
+        raise UserError(f"this report would fill {new} table cells, the one in {out_dir} fills {old} (fewer "
+                        f"caches or fits under {cache_root} than last time?); {out_dir} is left as it is. Pass "
+                        "--force to replace it")
+    files = []
+    with atomic_dir(out_dir) as tmp:
+        for t in TABLES:
+            df = tables[t.name]
+            buf = io.StringIO()
+            df.to_csv(buf, index=False, lineterminator="\n")
+            _write_text(tmp / f"{t.name}.csv", buf.getvalue())
+            _write_text(tmp / f"{t.name}.md", table_markdown(t, df, tolerance))
+            files += [f"{t.name}.csv", f"{t.name}.md"]
+        figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
+        for f in figs:
+            files += f.files
+        _write_text(tmp / "README.md", build_readme(ctx, tables, figs))
+        files.append("README.md")
     return ReportResult(out_dir, tables, figs, ctx.warnings, files)
 
 

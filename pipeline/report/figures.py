@@ -364,10 +364,7 @@ FIG_FILES = ("fig1_tsne", "fig2_variance_cifar10-lt", "fig7_variance_cifar100-lt
 
 def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list:
     figdir = out_dir / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
-    for stem in FIG_FILES:  # a figure whose data disappeared must not linger from an earlier report
-        for ext in (".png", ".csv"):
-            (figdir / f"{stem}{ext}").unlink(missing_ok=True)
+    figdir.mkdir(parents=True, exist_ok=True)  # a fresh folder (build_report swaps it in when complete)
     jobs = [("fig1", lambda: fig_tsne(ctx, figdir, tsne_per_class))]
     for fig, ds, label in VAR_FIGS:
         jobs.append((fig, lambda fig=fig, ds=ds, label=label: fig_variance(ctx, figdir, fig, ds, label)))
