@@ -187,21 +187,67 @@ def test_not_run_rows_carry_the_command(world):
 def test_two_stage1_seeds_give_mean_std_n(world):
     t1 = _table(world["out"], "table1")
     cell = _cell(t1, "Learned NCM", "cifar100-lt", "200", "all")
-    assert cell["ours"] == "41.00" and cell["ours_std"] == "1.41" and cell["n_seeds"] == "2"
+    assert cell["ours"] == "41.0" and cell["ours_std"] == "1.4" and cell["n_seeds"] == "2"
     assert cell["fit_ids"] == "lncm-s0;lncm-s1"
     assert len(cell["cache_fingerprints"].split(";")) == 2
-    assert cell["diff"] == f"{41.0 - 45.7:+.2f}" and cell["status"] == "missed"
+    assert cell["diff"] == "-4.7" and cell["status"] == "missed"
     single = _cell(t1, "NCM", "cifar100-lt", "100", "all")
     assert single["n_seeds"] == "1" and single["ours_std"] == ""
+
+
+def test_one_rounding_rule():
+    from pipeline.report.fmt import diff1, fmt1, fmt_diff
+    # half away from zero on the shortest decimal form, whatever the binary float underneath
+    assert [fmt1(v) for v in (18.85, 67.7625, 67.725, 0.05, -0.05, 41.0, float("nan"), None, "")] == \
+        ["18.9", "67.8", "67.7", "0.1", "-0.1", "41.0", "", "", ""]
+    # exact binary halves: Python's format would round half to even (58.2, 0.2)
+    assert [fmt1(v) for v in (58.25, 0.25, "58.25", -58.25)] == ["58.3", "0.3", "58.3", "-58.3"]
+    assert fmt1(-0.04) == "0.0"  # never "-0.0"
+    # a difference is taken between the values shown: 79.66 shows as 79.7, so 79.7 - 79.7 = +0.0
+    assert fmt_diff(diff1(79.66, 79.7)) == "+0.0" and fmt_diff(diff1(58.03, 80.3)) == "-22.3"
+
+
+NUM = r"[+-]?\d+\.\d"
+
+
+def test_tables_one_decimal_one_value_per_cell_and_latex(world):
+    import re
+    out = world["out"]
+    for t in rp.TABLES:
+        df = _table(out, t.name)
+        for col in ("ours", "ours_std", "paper", "diff"):
+            bad = [v for v in df[col] if v and not re.fullmatch(NUM, v)]
+            assert not bad, (t.name, col, bad[:3])  # one decimal, like the paper
+        md = (out / f"{t.name}.md").read_text()
+        rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| Method")]
+        assert rows
+        for line in rows:
+            for cell in line.strip("|").split("|")[2:]:
+                assert len(re.findall(r"\d+\.\d+", cell)) <= 1, (t.name, line)  # one value per cell
+        tex = (out / f"{t.name}.tex").read_text()
+        assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "\\begin{tabular}" in tex
+        assert tex.count("\\begin{table}") == 1 and tex.count("\\end{table}") == 1
+        assert "τ" not in tex and "β" not in tex and "±" not in tex  # escaped for LaTeX
+        # every value of ours in the CSV appears, the same, in the Markdown and the LaTeX
+        for v in df.loc[df["ours"] != "", "ours"]:
+            assert re.search(rf"(?<![\d.]){re.escape(v)}(?![\d])", md) and v in tex, (t.name, v)
+    t1 = _table(out, "table1")
+    md = (out / "table1.md").read_text()
+    block = md[md.index("| Learned NCM | paper"):]
+    assert block.splitlines()[1].startswith("|  | ours | 41.0 |")  # mean of 40 and 42, one decimal
+    assert block.splitlines()[2].startswith("|  | ± std | 1.4 |") and block.splitlines()[3].startswith("|  | seeds | 2 |")
+    assert "**79.7**" in (out / "table7.md").read_text()  # within the tolerance: bold
+    readme = (out / "README.md").read_text()
+    assert "(table1.tex)" in readme
 
 
 def test_latest_row_per_configuration_and_stale_rows(world):
     t7 = _table(world["out"], "table7")
     cell = _cell(t7, "NCM", "cifar10-lt", "200", "all")
-    assert cell["fit_ids"] == "ncm-new" and cell["ours"] == "79.70"
-    assert cell["status"] == "reproduced" and cell["diff"] == "+0.00"
+    assert cell["fit_ids"] == "ncm-new" and cell["ours"] == "79.7"
+    assert cell["status"] == "reproduced" and cell["diff"] == "+0.0"
     soft = _cell(t7, "Softmax", "cifar10-lt", "200", "all")
-    assert soft["fit_ids"] != "softmax-stale" and soft["ours"] != "99.00"
+    assert soft["fit_ids"] != "softmax-stale" and soft["ours"] != "99.0"
     mn = _cell(t7, "Multi-NCM", "cifar10-lt", "200", "all")
     assert mn["fit_ids"] != "mncm-k3"
     t5 = _table(world["out"], "table5")
@@ -463,7 +509,7 @@ def test_tau_norm_p_is_stated_and_val_choice_preferred(tmp_path):
     assert ("\t--head tau-norm --p auto" in "\n".join(f"{a}\t{' '.join(b)}" for a, b in rp.needed_fits(str(root))))
     res = rp.build_report(str(root), tmp_path / "rep", figures=False)
     cell = _cell(res.tables["table3"].astype(str), "Decoupling (τ-norm)", "cifar100-lt", "200", "all")
-    assert cell["fit_ids"] == "tn-auto" and cell["ours"] == "33.00"
+    assert cell["fit_ids"] == "tn-auto" and cell["ours"] == "33.0"
     assert "p = 0.7 (chosen on the val split)" in cell["note"] and "--p auto" in cell["command"]
 
 

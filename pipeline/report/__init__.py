@@ -33,7 +33,7 @@ from .figures import build_figures
 from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
 from .readme import build_readme
 from .runs import ReportContext, fit_args, load_context
-from .tables import LONG_COLUMNS, build_table, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
+from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
 __all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
            "filled_cells", "filled_cells_on_disk", "missing_extract_commands", "needed_fits",
@@ -154,7 +154,8 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
             df.to_csv(buf, index=False, lineterminator="\n")
             _write_text(tmp / f"{t.name}.csv", buf.getvalue())
             _write_text(tmp / f"{t.name}.md", table_markdown(t, df, tolerance))
-            files += [f"{t.name}.csv", f"{t.name}.md"]
+            _write_text(tmp / f"{t.name}.tex", table_latex(t, df, tolerance))
+            files += [f"{t.name}.csv", f"{t.name}.md", f"{t.name}.tex"]
         figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
         for f in figs:
             files += f.files

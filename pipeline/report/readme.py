@@ -73,8 +73,8 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list) -> str:
         L += [f"No caches under `{cache_root}/`: every table cell below is \"not run\".", ""]
     # headline
     L += ["## Headline: Table 2 (All accuracy), ours vs paper", "",
-          "Cell: **ours** / paper (ours − paper); ✗ = more than "
-          f"{tolerance:g} point away; lit. = literature value, not run here.", "",
+          "Accuracy (%), one decimal; per method the paper's value, ours and ours − paper; **bold** = within "
+          f"{tolerance:g} point of the paper; not run = no cache or fit yet (commands under *Not run*).", "",
           wide_markdown(tables["table2"]), ""]
     # reproduction summary
     allc = pd.concat(tables.values(), ignore_index=True)
@@ -100,12 +100,11 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list) -> str:
         sel = sel.sort_values(["_ad", "section", "method", "metric"],
                               ascending=[status == "reproduced", True, True, True])
         L += [f"**{label}** ({len(sel)} distinct cells, by |ours − paper|):", "",
-              "| method | data | metric | ours | paper | ours − paper | tables |", "|---|---|---|---|---|---|---|"]
+              "| method | data | metric | ours | paper | ours − paper | std over seeds | seeds | tables |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for _, r in sel.iterrows():
-            ours = r["ours"] + (f" ± {r['ours_std']}" if r["ours_std"] else "")
-            ours += f" (n={r['n_seeds']})" if r["n_seeds"] != "1" else ""
-            L.append(f"| {r['method']} | {r['section']} | {METRIC_LABEL[r['metric']]} | {ours} | {r['paper']} | "
-                     f"{r['diff']} | {r['_tables']} |")
+            L.append(f"| {r['method']} | {r['section']} | {METRIC_LABEL[r['metric']]} | {r['ours']} | {r['paper']} | "
+                     f"{r['diff']} | {r['ours_std']} | {r['n_seeds']} | {r['_tables']} |")
         L.append("")
     # figures
     L += ["## Figures", ""]
@@ -131,7 +130,8 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list) -> str:
     if unused:
         L += ["Caches present but not used by any table (another configuration was preferred, or the paper "
               "has no table for them): " + ", ".join(f"`{c.run}`" for c in unused) + ".", ""]
-    L += ["## Tables", ""] + [f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv))" for t in TABLES] + [""]
+    L += ["## Tables", ""] + [f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv), [LaTeX]({t.name}.tex))"
+                              for t in TABLES] + [""]
     if ctx.warnings:
         L += ["## Warnings", ""] + [f"- {w}" for w in ctx.warnings] + [""]
     return "\n".join(L)
