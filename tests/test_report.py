@@ -241,6 +241,54 @@ def test_tables_one_decimal_one_value_per_cell_and_latex(world):
     assert "(table1.tex)" in readme
 
 
+def _heads(out, run):
+    return pd.read_csv(out / "heads" / f"{run}.csv", dtype=str, keep_default_na=False)
+
+
+def test_every_head_table_per_cache(world):
+    """Every fit of every cache is in a table, with the paper's value where the paper has one: 7 of the 19
+    fits run_all.sh makes (tau-norm, lws, posthoc-la, metric-ncm global/local, bn_recal) used to be only in
+    results.csv for a cache like the shipped CIFAR-10-LT beta=100 one."""
+    out, res = world["out"], world["res"]
+    readme = (out / "README.md").read_text()
+    assert set(res.heads) == {p.name for p in world["root"].iterdir()}
+    for run in res.heads:
+        assert f"(heads/{run}.md)" in readme
+        assert (out / "heads" / f"{run}.md").exists() and (out / "heads" / f"{run}.tex").exists()
+    df = _heads(out, "cifar10-lt-b100-synthetic-s0")
+    assert list(df.columns) == rp.HEAD_COLUMNS
+    fits = df.drop_duplicates("fit_id")
+    assert len(df) == 4 * len(fits) and len(fits) == len(ALL_FITS)  # every fit, All/Many/Medium/Few
+    assert {"tau-norm", "lws", "posthoc-la", "metric-ncm", "local-projection", "crt"} <= set(fits["head"])
+    assert sorted(fits.loc[fits["head"] == "learned-ncm", "tau"], key=float) == ["0", "0.0625", "0.125", "0.25",
+                                                                                "0.5", "1"]
+
+    def cell(df, method, metric):
+        sel = df[(df["method"] == method) & (df["metric"] == metric)]
+        assert len(sel) == 1, (method, metric, len(sel))
+        return sel.iloc[0]
+    assert cell(df, "Softmax", "all")["paper"] == "80.3" and cell(df, "Softmax", "all")["paper_table"] == "table7"
+    assert cell(df, "NCM", "all")["paper"] == "79.8"
+    tn = cell(df, "Decoupling (τ-norm)", "all")  # the paper has τ-norm only on CIFAR-100 / ImageNet
+    assert tn["paper"] == "" and tn["status"] == "ours only (no paper value)" and tn["ours"]
+    assert cell(df, "Local Metric + Learned NCM", "all")["ours"] != cell(df, "Global Metric + Learned NCM", "all")["ours"]
+    assert cell(df, "Learned NCM, τ = 0.0625", "all")["paper"] == ""
+    # the value of a fit is the same as in the paper's tables
+    t7 = _table(out, "table7")
+    assert cell(df, "Learned NCM", "many")["ours"] == _cell(t7, "Learned NCM", "cifar10-lt", "100", "many")["ours"]
+    # BN-recalibrated fits, with Table 6's values; a non-default setting is its own row without one
+    bn = _heads(out, "cifar100-lt-b200-synthetic-s0")
+    b = cell(bn, "Learned NCM (BN)", "all")
+    assert b["variant"] == "bn_recal" and b["paper"] == "45.6" and b["paper_table"] == "table6"
+    c10 = _heads(out, "cifar10-lt-b200-synthetic-s0")
+    k3 = cell(c10, "Multi-NCM, num_centroids=3", "all")
+    assert k3["fit_id"] == "mncm-k3" and k3["paper"] == "" and "--num-centroids 3" in k3["command"]
+    assert cell(c10, "Multi-NCM", "all")["paper"] == "80.8"
+    md = (out / "heads" / "cifar10-lt-b100-synthetic-s0.md").read_text()
+    assert "| Decoupling (LWS) | ours |" in md and "| Post-hoc logit adjustment (τ = 1) | ours |" in md
+    assert "| Learned NCM (BN) | ours |" in (out / "heads" / "cifar100-lt-b200-synthetic-s0.md").read_text()
+
+
 def test_latest_row_per_configuration_and_stale_rows(world):
     t7 = _table(world["out"], "table7")
     cell = _cell(t7, "NCM", "cifar10-lt", "200", "all")

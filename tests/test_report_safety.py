@@ -76,8 +76,8 @@ def test_fewer_filled_cells_needs_force(small, tmp_path):
     assert snapshot(out) == before
     new = rp.build_report(str(root), out, figures=False, force=True)
     assert snapshot(out) != before
-    assert rp.filled_cells(new.tables) < rp.filled_cells_on_disk(small["out"])
-    assert rp.filled_cells_on_disk(out) == rp.filled_cells(new.tables)
+    assert new.filled < rp.filled_cells_on_disk(small["out"])
+    assert rp.filled_cells_on_disk(out) == new.filled
 
 
 def test_a_failing_build_leaves_the_old_report(small, tmp_path, monkeypatch):

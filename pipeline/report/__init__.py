@@ -4,8 +4,10 @@ Inputs (nothing else is read):
   <cache_root>/<run>/features.h5   stage-1 caches (pipeline.cache)
   <cache_root>/<run>/results.csv   one row per stage-2 fit (pipeline fit-head), artifacts under fits/
 
-Outputs under ``out_dir``:
-  table{1,2,3,5,6,7}.csv / .md     long format, one row per (method, dataset, beta, metric) cell
+Outputs under ``out_dir`` (built in a temporary folder, swapped in when complete):
+  table{1,2,3,5,6,7}.csv / .md / .tex   long CSV, one row per (method, dataset, beta, metric) cell; Markdown
+                                   and booktabs LaTeX in the paper's layout, one value per cell
+  heads/<run>.csv / .md / .tex     every head, variant and setting fitted on one cache, with the paper's value
   figures/fig*.png + fig*.csv      each figure with the numbers behind it (header names source + fingerprint)
   README.md                        what the numbers come from, headline, reproduced / missed cells, figures
 
@@ -29,13 +31,14 @@ import pandas as pd
 
 from ..config import RESULT_COLUMNS  # noqa: F401  (re-exported: the contract the report reads)
 from ..utils import UserError, atomic_dir, atomic_path, check_writable_dir
+from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_head_markdown
 from .figures import build_figures
 from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
 from .readme import build_readme
 from .runs import ReportContext, fit_args, load_context
 from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
-__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
+__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "HEAD_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
            "filled_cells", "filled_cells_on_disk", "missing_extract_commands", "needed_fits",
            "parse_data_roots"]
 
@@ -43,10 +46,16 @@ __all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "RESULT_CO
 @dataclass
 class ReportResult:
     out_dir: Path
-    tables: dict
+    tables: dict  # the paper's tables: name -> long DataFrame
     figures: list
     warnings: list
     files: list
+    heads: dict = None  # the every-head tables: run -> long DataFrame
+
+    @property
+    def filled(self) -> int:
+        """Table cells with a number of ours (paper tables + every-head tables): what --force guards."""
+        return filled_cells(self.tables) + filled_cells(self.heads or {})
 
     def summary(self) -> str:
         allc = pd.concat(self.tables.values(), ignore_index=True)
@@ -141,7 +150,8 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
     _check_out_dir(out_dir)
     check_writable_dir(out_dir.parent, "--out")
     tables = {t.name: build_table(ctx, t) for t in TABLES}
-    new, old = filled_cells(tables), filled_cells_on_disk(out_dir)
+    heads = build_every_head(ctx)
+    new, old = filled_cells(tables) + filled_cells(heads), filled_cells_on_disk(out_dir)
     if new < old and not force:
         raise UserError(f"this report would fill {new} table cells, the one in {out_dir} fills {old} (fewer "
                         f"caches or fits under {cache_root} than last time?); {out_dir} is left as it is. Pass "
@@ -156,12 +166,21 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
             _write_text(tmp / f"{t.name}.md", table_markdown(t, df, tolerance))
             _write_text(tmp / f"{t.name}.tex", table_latex(t, df, tolerance))
             files += [f"{t.name}.csv", f"{t.name}.md", f"{t.name}.tex"]
+        if heads:
+            (tmp / "heads").mkdir()
+        for run, df in heads.items():
+            buf = io.StringIO()
+            df.to_csv(buf, index=False, lineterminator="\n")
+            _write_text(tmp / "heads" / f"{run}.csv", buf.getvalue())
+            _write_text(tmp / "heads" / f"{run}.md", every_head_markdown(run, df, ctx, tolerance))
+            _write_text(tmp / "heads" / f"{run}.tex", every_head_latex(run, df, ctx, tolerance))
+            files += [f"heads/{run}.{ext}" for ext in ("csv", "md", "tex")]
         figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
         for f in figs:
             files += f.files
-        _write_text(tmp / "README.md", build_readme(ctx, tables, figs))
+        _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
         files.append("README.md")
-    return ReportResult(out_dir, tables, figs, ctx.warnings, files)
+    return ReportResult(out_dir, tables, figs, ctx.warnings, files, heads)
 
 
 def missing_extract_commands(cache_root="cache", data_roots: dict | None = None) -> list:

@@ -25,7 +25,7 @@ def _recipe_flag(c) -> str:
     return f"{c.epochs}" + (f" **⚠ NOT THE PAPER'S RECIPE** ({'; '.join(devs)})" if devs else "")
 
 
-def build_readme(ctx: ReportContext, tables: dict, figures: list) -> str:
+def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None) -> str:
     infos, groups, tolerance, cache_root = ctx.infos, ctx.groups, ctx.tolerance, ctx.cache_root
     used_runs = set()
     for df in tables.values():
@@ -132,6 +132,18 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list) -> str:
               "has no table for them): " + ", ".join(f"`{c.run}`" for c in unused) + ".", ""]
     L += ["## Tables", ""] + [f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv), [LaTeX]({t.name}.tex))"
                               for t in TABLES] + [""]
+    L += ["## Every head fitted, per cache", "",
+          "All / Many / Medium / Few of every head, feature variant, τ and setting fitted on each cache (also "
+          "those in none of the paper's tables on this dataset: τ-norm, LWS, post-hoc logit adjustment, the "
+          "metric-NCM variants, the BN-recalibrated features, the τ sweep), beside the paper's value where it "
+          "has one:", ""]
+    if heads:
+        for run, df in heads.items():
+            L.append(f"- [`{run}`](heads/{run}.md) ([csv](heads/{run}.csv), [LaTeX](heads/{run}.tex)): "
+                     f"{df['fit_id'].nunique()} fits")
+    else:
+        L.append("- none: no cache has a fit yet (`./run_all.sh` fits every head the tables need)")
+    L.append("")
     if ctx.warnings:
         L += ["## Warnings", ""] + [f"- {w}" for w in ctx.warnings] + [""]
     return "\n".join(L)

@@ -289,8 +289,9 @@ def fit_args(spec: Spec, hparams: dict | None = None, seed=None) -> list:
     hparams = dict(hparams or {})
     if hparams.get("p_select") == "val":
         hparams["p"] = "auto"  # rerunning picks p on val again
-    for k, v in hparams.items():
-        if k in HPARAM_FLAGS and k not in hp:
+    defaults = dict(HEADS[spec.head].defaults) if spec.head in HEADS else {}
+    for k, v in hparams.items():  # the selectors that differ from the head's defaults (the rest is implied)
+        if k in HPARAM_FLAGS and k not in hp and not (k in defaults and _same(v, defaults[k])):
             hp[k] = v
     for k, v in sorted(hp.items()):
         if k in HPARAM_FLAGS:
