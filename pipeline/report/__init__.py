@@ -8,8 +8,12 @@ Outputs under ``out_dir`` (built in a temporary folder, swapped in when complete
   table{1,2,3,5,6,7}.csv / .md / .tex   long CSV, one row per (method, dataset, beta, metric) cell; Markdown
                                    and booktabs LaTeX in the paper's layout, one value per cell
   heads/<run>.csv / .md / .tex     every head, variant and setting fitted on one cache, with the paper's value
-  figures/fig*.png + fig*.csv      each figure with the numbers behind it (header names source + fingerprint)
+  figures/fig*.png + .csv + .json  each figure, the numbers behind it, and a sidecar with its title, caption
+                                   and provenance (source caches, fingerprints, fit ids)
   README.md                        what the numbers come from, headline, reproduced / missed cells, figures
+  provenance.local.json            when and with which commit each fit ran, the report's commit: changes on
+                                   every rerun, so git-ignored (.gitignore); everything else is a function of
+                                   the inputs (caches' fingerprints, fit ids and accuracies) alone
 
 Rules: a configuration with no cache or no fit is a "not run" row with the command that would produce it
 (never dropped, never filled from the paper).  Per (cache, head, variant, tau, hparams) only the latest
@@ -23,6 +27,7 @@ Modules: ``paper`` (the transcribed tables, pure data), ``runs`` (finding caches
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +40,11 @@ from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_h
 from .figures import build_figures
 from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
 from .readme import build_readme
-from .runs import ReportContext, fit_args, load_context
+from .runs import ReportContext, fit_args, inputs_digest, load_context, volatile_provenance
 from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
 __all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "HEAD_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
-           "filled_cells", "filled_cells_on_disk", "missing_extract_commands", "needed_fits",
+           "filled_cells", "filled_cells_on_disk", "inputs_digest", "missing_extract_commands", "needed_fits",
            "parse_data_roots"]
 
 
@@ -179,7 +184,12 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
         for f in figs:
             files += f.files
         _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
-        files.append("README.md")
+        # what changes on every rerun of the same fits (when, which commit) stays out of the tracked files
+        _write_text(tmp / "provenance.local.json",
+                    json.dumps(volatile_provenance(ctx), indent=1, ensure_ascii=False) + "\n")
+        _write_text(tmp / ".gitignore", "# written by `pipeline report`: changes on every rerun, never commit it\n"
+                                        "provenance.local.json\n")
+        files += ["README.md", "provenance.local.json", ".gitignore"]
     return ReportResult(out_dir, tables, figs, ctx.warnings, files, heads)
 
 

@@ -1,9 +1,11 @@
 """The paper's figures from the caches and fit artifacts.  Each figure is a PNG plus the CSV of the numbers
-behind it, written together by :func:`write_figure`, whose CSV header says what the figure shows and where
-every number came from (report commit, source cache fingerprint, stage-1 seed and commit, fit ids)."""
+behind it (plain: ``pandas.read_csv`` reads it as it is), written together by :func:`write_figure`, and a
+sidecar ``<stem>.json`` with its title, caption and where every number came from (source cache fingerprint,
+stage-1 seed, budget and commit, fit ids) -- all functions of the inputs, so a rerun is byte-identical."""
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis
-from ..utils import UserError, atomic_path, git_commit
+from ..utils import UserError, atomic_path
 from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
 from .runs import ReportContext, as_float, expected_run, fit_command, pick_row
 
@@ -24,28 +26,29 @@ def _plt():
     return plt
 
 
-def source_line(c) -> str:
+def source(c) -> dict:
     """Where a figure's numbers come from: the cache, its identity and the stage-1 run that made it."""
-    return (f"source: {c.rel}/features.h5 fingerprint {c.fingerprint} dataset {c.dataset} imbalance "
-            f"{fmt_beta(c.imbalance) if c.imbalance else 'natural'} stage1_epochs {c.epochs} seed {c.seed} "
-            f"recipe {c.config.get('recipe') or 'not recorded'} stage1_commit {c.prov.get('git_commit', '')} "
-            f"data {c.data_label()}")
+    return {"cache": f"{c.rel}/features.h5", "fingerprint": c.fingerprint, "dataset": c.dataset,
+            "imbalance": fmt_beta(c.imbalance) if c.imbalance else "natural", "stage1_epochs": c.epochs,
+            "stage1_iterations": c.config.get("iterations"), "seed": c.seed,
+            "recipe": c.config.get("recipe") or "not recorded", "stage1_commit": c.prov.get("git_commit", ""),
+            "data": c.data_label()}
 
 
-def write_figure(figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, caches, extra=()) -> list:
-    """Write ``<stem>.png`` and ``<stem>.csv`` (the numbers behind it) atomically; the CSV header names what
-    the figure shows, the report's commit, every source cache and any ``extra`` lines.  Returns both paths
-    relative to the report folder."""
+def write_figure(fr, figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, caches, extra=()) -> list:
+    """Write ``<stem>.png`` and ``<stem>.csv`` (the numbers behind it, a plain CSV) atomically and set
+    ``fr.files``; ``what`` the figure shows, its source caches and any ``extra`` lines go to ``fr.meta``,
+    which :func:`build_figures` writes with the title and caption into the sidecar ``<stem>.json``."""
     with atomic_path(figdir / f"{stem}.png", suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     _plt().close(fig)
     buf = io.StringIO()
-    for h in [what, f"made by: pipeline report (toolkit commit {git_commit()})", *map(source_line, caches), *extra]:
-        buf.write(f"# {h}\n")
     df.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
     with atomic_path(figdir / f"{stem}.csv", suffix=".csv") as tmp:
         tmp.write_text(buf.getvalue())
-    return [f"figures/{stem}.png", f"figures/{stem}.csv"]
+    fr.files = [f"figures/{stem}.png", f"figures/{stem}.csv"]
+    fr.meta = {"what": what, "sources": [source(c) for c in caches], "notes": list(extra)}
+    return fr.files
 
 
 def title_ds(g) -> str:
@@ -64,6 +67,7 @@ class FigureResult:
     files: list = field(default_factory=list)
     skipped: str = ""  # reason + command when not produced
     caption: str = ""
+    meta: dict = field(default_factory=dict)  # provenance for the sidecar <stem>.json
 
 
 def _fit_artifacts(ctx: ReportContext, prefs, spec):
@@ -118,8 +122,8 @@ def fig_tsne(ctx: ReportContext, figdir, per_class=300) -> FigureResult:
         sp = analysis.spread(emb, lab)
         df = pd.DataFrame({"index": idx, "label": lab, "class": [names[i] for i in lab],
                            "train_count": [int(counts[i]) for i in lab], "tsne_x": emb[:, 0], "tsne_y": emb[:, 1]})
-        fr.files = write_figure(
-            figdir, "fig1_tsne", fig, df,
+        write_figure(
+            fr, figdir, "fig1_tsne", fig, df,
             f"fig1: t-SNE (sklearn, random_state=0, <={per_class} train samples per class) of one tail and two "
             "head classes", [c],
             ["mean distance to 2-D class centre: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in sp.items())])
@@ -171,7 +175,7 @@ def fig_variance(ctx: ReportContext, figdir, fig, dataset, label) -> FigureResul
     extra = [f"spearman rho(N_y, sigma_y) beta={fmt_beta(c.imbalance)}: " + ", ".join(
         f"{e} {res['rho'][e]:.4f} (p={res['pvalue'][e]:.3g}, n={res['n'][e]})" for e in analysis.ESTIMATORS)
         for _, c, res in frames]
-    fr.files = write_figure(figdir, f"{fig}_variance_{dataset}", fig_,
+    write_figure(fr, figdir, f"{fig}_variance_{dataset}", fig_,
                             pd.concat([f for f, _, _ in frames], ignore_index=True),
                             f"{fig}: sigma_y = largest eigenvalue of the class covariance (Eq. 1) per estimator",
                             [c for _, c, _ in frames], extra)
@@ -204,7 +208,7 @@ def fig_local_projection(ctx: ReportContext, figdir) -> FigureResult:
         df = pd.DataFrame(w, columns=[f"dim{i}" for i in range(w.shape[1])])
         df.insert(0, "train_count", counts)
         df.insert(0, "class", np.arange(w.shape[0]))
-        fr.files = write_figure(figdir, "fig3_local_projection", fig, df,
+        write_figure(fr, figdir, "fig3_local_projection", fig, df,
                                 f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} "
                                 f"(hparams {r['hparams']})", [c])
         half = w.shape[1] // 2
@@ -246,7 +250,7 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Stage-1 learning curve, {title_ds(g)} ({c.epochs} epochs)")
         ax.legend()
-        fr.files = write_figure(figdir, "fig4_learning_curve", fig, pd.DataFrame({k: np.asarray(v) for k, v in lc.items()}),
+        write_figure(fr, figdir, "fig4_learning_curve", fig, pd.DataFrame({k: np.asarray(v) for k, v in lc.items()}),
                                 "fig4: stage-1 learning curve", [c])
         last = {k: float(np.asarray(v)[-1]) for k, v in cols.items()}
         fr.caption = (f"{title_ds(g)}, run `{c.run}`, {c.epochs} epochs; final " +
@@ -292,7 +296,7 @@ def fig_tau(ctx: ReportContext, figdir) -> FigureResult:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Effect of τ, Learned NCM, {title_ds(g)}")
         ax.legend()
-        fr.files = write_figure(figdir, "fig5_tau", fig, df,
+        write_figure(fr, figdir, "fig5_tau", fig, df,
                                 "fig5: learned-ncm accuracy vs tau (mean over seeds)", g.caches)
         fr.caption = f"{title_ds(g)}; τ values fitted: {', '.join(df['tau_label'])}."
         if missing:
@@ -325,7 +329,7 @@ def fig_centroids(ctx: ReportContext, figdir) -> list:
             ax.set_ylabel("‖learned − empirical centroid‖₂")
             ax.set_title(f"Centroid displacement, {title_ds(g)} (Spearman ρ={rho:.2f})")
             df = pd.DataFrame({"class": np.arange(len(counts)), "train_count": counts, "displacement": disp})
-            fa.files = write_figure(figdir, "fig6a_displacement", fig, df,
+            write_figure(fa, figdir, "fig6a_displacement", fig, df,
                                     f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
                                     [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
             fa.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
@@ -344,7 +348,7 @@ def fig_centroids(ctx: ReportContext, figdir) -> list:
             ax.set_xlabel("Learned NCM epoch (0 = empirical centroids)")
             ax.set_ylabel("average pairwise CDNV")
             ax.set_title(f"CDNV during Learned NCM training, {title_ds(g)}")
-            fb.files = write_figure(figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
+            write_figure(fb, figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
                                     "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); "
                                     + fit, [c])
             fb.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
@@ -378,5 +382,13 @@ def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list
             ctx.warnings.append(f"{name}: could not be drawn ({type(e).__name__}: {e})")
             r = FigureResult(name, name, skipped=f"failed: {e}")
         results += r if isinstance(r, list) else [r]
+    for r in results:  # the sidecar: title, caption and provenance (the PNG and CSV carry none)
+        if r.files:
+            stem = Path(r.files[0]).stem
+            side = {"figure": r.name, "title": r.title, "caption": r.caption,
+                    "files": [Path(f).name for f in r.files], **r.meta}
+            with atomic_path(figdir / f"{stem}.json", suffix=".json") as tmp:
+                tmp.write_text(json.dumps(side, indent=1, ensure_ascii=False, default=str) + "\n")
+            r.files.append(f"figures/{stem}.json")
     order = {"fig1": 1, "fig2": 2, "fig3": 3, "fig4": 4, "fig5": 5, "fig6a": 6, "fig6b": 6.5, "fig7": 7, "fig8": 8}
     return sorted(results, key=lambda f: order.get(f.name, 99))

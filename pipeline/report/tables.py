@@ -15,7 +15,8 @@ from .runs import ReportContext, as_float, expected_run, fit_command, parse_hpar
 
 LONG_COLUMNS = ["table", "section", "dataset", "imbalance", "method", "head", "variant", "tau", "hparams",
                 "metric", "ours", "ours_std", "n_seeds", "paper", "diff", "status", "note", "data", "command",
-                "fit_ids", "runs", "cache_fingerprints", "stage1_epochs", "commits"]
+                "fit_ids", "runs", "cache_fingerprints", "stage1_epochs"]
+# (which commit ran each fit, and when, is in provenance.local.json: it changes on every rerun of the same fit)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
             rec = dict(table=t.name, section=section, dataset=dataset, imbalance=fmt_beta(imb) if imb else "",
                        method=row.method, head="", variant="", tau="", hparams="", metric=metric, ours="",
                        ours_std="", n_seeds="", paper=fmt1(paper), diff="", status="", note="", data="",
-                       command="", fit_ids="", runs="", cache_fingerprints="", stage1_epochs="", commits="")
+                       command="", fit_ids="", runs="", cache_fingerprints="", stage1_epochs="")
             if row.spec is None:
                 rec["status"] = ("literature (not run here)" if row.kind == LIT else
                                  "paper only (not mapped to a method here)")
@@ -97,7 +98,6 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
                        runs=";".join(c.run for c, _ in res.rows),
                        cache_fingerprints=";".join(c.fingerprint for c, _ in res.rows),
                        stage1_epochs=";".join(sorted({str(c.epochs) for c, _ in res.rows})),
-                       commits=";".join(sorted({str(r["git_commit"]) for _, r in res.rows if r["git_commit"]})),
                        data=";".join(sorted({c.data_label() for c, _ in res.rows})),
                        command=" ; ".join(fit_command(c.rel, spec, parse_hparams(r["hparams"]), r["seed"])
                                           for c, r in res.rows))
