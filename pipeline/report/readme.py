@@ -109,9 +109,9 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
         L.append(f"### {f.title}")
         L.append("")
         if f.files:
-            png = [p for p in f.files if p.endswith(".png")][0]
-            csv = [p for p in f.files if p.endswith(".csv")][0]
-            L += [f"![{f.title}]({png})", "", f"{f.caption} Data: [{csv}]({csv}).", ""]
+            png, pdf, csv, side = ([p for p in f.files if p.endswith(ext)][0] for ext in (".png", ".pdf", ".csv", ".json"))
+            L += [f"![{f.title}]({png})", "", f"{f.caption}", "",
+                  f"Vector: [{pdf}]({pdf}); data: [{csv}]({csv}); title, caption and provenance: [{side}]({side}).", ""]
         else:
             L += [f"Not produced: {f.skipped}", ""]
     # not run
