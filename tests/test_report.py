@@ -497,13 +497,14 @@ def _env_with_stub(tmp_path, caches):
 
 
 def test_run_all_orchestration_with_stub(tmp_path):
-    """run_all.sh's own logic (which heads, BN variants, rerun, failing step) with a stand-in fit-head."""
+    """run_all.sh's own logic (which heads, BN variants, rerun, failing step) with a stand-in fit-head, in the
+    one-process-per-fit mode (tests/test_fitplan.py runs the default one-process mode with the real fits)."""
     root = tmp_path / "cache"
     c10 = make_cache(root, "cifar10-lt", 200, bn=True)
     c100 = make_cache(root, "cifar100-lt", 200, bn=False, num_classes=12)
     env = _env_with_stub(tmp_path, [c10, c100])
     cmd = ["bash", str(REPO / "run_all.sh"), "--cache-root", str(root), "--out", str(tmp_path / "rep"),
-           "--no-figures"]
+           "--no-figures", "--per-fit-processes"]  # the stub stands in for `pipeline fit-head` processes
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "total time" in r.stdout and "==> [" in r.stdout

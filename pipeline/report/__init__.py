@@ -38,14 +38,15 @@ from ..config import RESULT_COLUMNS  # noqa: F401  (re-exported: the contract th
 from ..utils import UserError, atomic_dir, atomic_path, check_writable_dir
 from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_head_markdown
 from .figures import build_figures
-from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
+from .fitplan import FitJob, fit_plan, run_plan
+from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES
 from .readme import build_readme
-from .runs import ReportContext, fit_args, inputs_digest, load_context, volatile_provenance
+from .runs import ReportContext, inputs_digest, load_context, volatile_provenance
 from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
-__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "HEAD_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
-           "filled_cells", "filled_cells_on_disk", "inputs_digest", "missing_extract_commands", "needed_fits",
-           "parse_data_roots"]
+__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "HEAD_COLUMNS", "RESULT_COLUMNS", "UserError",
+           "FitJob", "build_report", "filled_cells", "filled_cells_on_disk", "fit_plan", "inputs_digest",
+           "missing_extract_commands", "needed_fits", "parse_data_roots", "run_plan"]
 
 
 @dataclass
@@ -210,16 +211,5 @@ def missing_extract_commands(cache_root="cache", data_roots: dict | None = None)
 
 def needed_fits(cache_root="cache", quick: bool = False) -> list:
     """(cache dir, fit-head options) for every fit the tables and figures need, on every cache under
-    ``cache_root`` (bn_recal fits only where the cache has those features; tau-norm's p picked on the val
-    split where the cache has one)."""
-    ctx = load_context(cache_root)
-    out = []
-    for c in ctx.infos:
-        for spec in needed_specs(quick):
-            if spec.variant not in c.cache.variants:
-                continue
-            args = fit_args(spec)
-            if spec.head == "tau-norm" and "val" in c.cache.splits(spec.variant):
-                args += ["--p", "auto"]
-            out.append((str(c.dir), args))
-    return out
+    ``cache_root`` (the plan of :func:`fit_plan`, as `pipeline report --list-fits` prints it)."""
+    return [(job.cache_dir, job.args()) for job in fit_plan(cache_root, quick)]
