@@ -16,7 +16,7 @@ from .. import analysis
 from ..utils import UserError, atomic_path
 from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
 from .fmt import fmt1
-from .runs import ReportContext, as_float, expected_run, fit_command, pick_row
+from .runs import ReportContext, as_float, budget, expected_run, fit_command, pick_row
 
 
 def _plt():
@@ -64,16 +64,6 @@ def write_figure(fr, figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, 
 def title_ds(g) -> str:
     """The dataset part of a figure title, kept short (the provenance goes to the caption: stage1_note)."""
     return dataset_label(g.dataset, g.imbalance)
-
-
-def budget(c) -> str:
-    """Stage 1's budget in iterations, as the recipes define it: '2,000 iterations (80 epochs of 25 steps)'."""
-    it, spe = c.config.get("iterations"), c.config.get("steps_per_epoch")
-    if it and spe:
-        return f"{int(it):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
-    if spe and c.epochs:
-        return f"{int(c.epochs) * int(spe):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
-    return f"{c.epochs} epochs"
 
 
 def stage1_note(c) -> str:

@@ -6,7 +6,7 @@ import pandas as pd
 
 from .. import __version__
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
-from .runs import ReportContext, inputs_digest
+from .runs import ReportContext, budget, inputs_digest
 from .tables import missing_commands, wide_markdown
 
 
@@ -22,7 +22,7 @@ def _machine(c) -> str:
 
 def _recipe_flag(c) -> str:
     devs = c.recipe_deviations()
-    return f"{c.epochs}" + (f" **⚠ NOT THE PAPER'S RECIPE** ({'; '.join(devs)})" if devs else "")
+    return budget(c) + (f" **⚠ NOT THE PAPER'S RECIPE** ({'; '.join(devs)})" if devs else "")
 
 
 def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None) -> str:
@@ -50,7 +50,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
               "they can sit slightly below numbers on the lossless images.", ""]
     L += ["## Runs behind the numbers", ""]
     if infos:
-        L += ["| run | dataset | data | β | stage-1 epochs | seed | variants | machine | created | commit | "
+        L += ["| run | dataset | data | β | stage-1 budget | seed | variants | machine | created | commit | "
               "fingerprint | fits used | stale fit rows | in tables |", "|" + "---|" * 14]
         for c in sorted(infos, key=lambda c: c.run):
             L.append(f"| `{c.run}` | {DATASET_LABEL.get(c.dataset, c.dataset)} | {c.data_label()} | "

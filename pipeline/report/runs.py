@@ -79,6 +79,16 @@ class CacheInfo:
         return out
 
 
+def budget(c) -> str:
+    """Stage 1's budget in iterations, as the recipes define it: '2,000 iterations (80 epochs of 25 steps)'."""
+    it, spe = c.config.get("iterations"), c.config.get("steps_per_epoch")
+    if it and spe:
+        return f"{int(it):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+    if spe and c.epochs:
+        return f"{int(c.epochs) * int(spe):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+    return f"{c.epochs} epochs"
+
+
 def data_label(prov: dict, dataset: str | None = None) -> str:
     """Human label of the images behind a cache; 'CIFAR-10 (JPEG q75)' for the offline JPEG copy."""
     cfg = prov.get("config") if isinstance(prov.get("config"), dict) else {}
