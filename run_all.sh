@@ -2,8 +2,10 @@
 # Fit every stage-2 head the paper's tables and figures need on every stage-1 cache, then write the report.
 #
 #   ./run_all.sh [--cache-root DIR] [--out DIR] [--quick] [--python PY] [--extract-missing]
-#                [--data-root DATASET=DIR ...]
+#                [--data-root DATASET=DIR ...] [--per-fit-processes]
 #
+# The fits and the report run in one Python process (`pipeline report --fit`): Python and torch start once,
+# not once per fit.
 # Never retrains stage 1 unless --extract-missing is given.  Rerunnable: a second run appends new fit
 # rows to each results.csv, and the report takes the latest row per configuration, so the tables are
 # identical (fits are deterministic on CPU for a given seed).
@@ -17,13 +19,15 @@ Usage: run_all.sh [options]
   --out DIR               report folder (default: reports)
   --quick                 only ncm and learned-ncm (tau 0 and 1/8): a smoke test, not the paper's tables
                           (the fits come from `pipeline report --list-fits [--quick]`)
-  --python PY             run the toolkit as "PY -m pipeline.cli" (default: `pipeline` on PATH, else
-                          "python3 -m pipeline.cli")
+  --python PY             run the toolkit as "PY -m pipeline.cli" (default: $PYTHON if set, else
+                          `pipeline` on PATH, else "python3 -m pipeline.cli")
   --extract-missing       first run `pipeline extract` (stage-1 training, hours per CIFAR run on CPU) for the
                           configurations the tables need that have no cache yet
   --data-root DATASET=DIR data root for --extract-missing and for the commands printed in the report
                           (repeatable; cifar10-lt defaults to ../shared/data/cifar10-jpeg)
   --no-figures            pass --no-figures to `pipeline report`
+  --per-fit-processes     one `pipeline fit-head` process per fit, as before `report --fit` existed (slower;
+                          benchmarks/run_all_speed.py compares the two)
   -h, --help              this help
 EOF
 }
@@ -31,8 +35,9 @@ EOF
 CACHE_ROOT=cache
 OUT=reports
 QUICK=0
-PY_ARG=""
+PY_ARG="${PYTHON:-}"
 EXTRACT=0
+PER_FIT=0
 FIG_FLAG=()
 DATA_ROOTS=()
 while [[ $# -gt 0 ]]; do
@@ -44,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --extract-missing) EXTRACT=1; shift ;;
     --data-root) DATA_ROOTS+=(--data-root "${2:?--data-root needs DATASET=DIR}"); shift 2 ;;
     --no-figures) FIG_FLAG=(--no-figures); shift ;;
+    --per-fit-processes) PER_FIT=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -124,33 +130,39 @@ EOF
   fi
 fi
 
-# ---- stage 2: every fit the tables and figures need, on every cache ---------------------------------
-# The list comes from the report itself (`pipeline report --list-fits`: one "<cache dir><TAB><options>" per
-# fit), so this script never re-encodes which heads, tau values or feature variants the tables use.
+# ---- stage 2 + report: every fit the tables and figures need, on every cache, then the report ----------
+# The list of fits comes from the report itself (`pipeline report --list-fits`: one "<cache dir><TAB><options>"
+# per fit), so this script never re-encodes which heads, tau values or feature variants the tables use.
 shopt -s nullglob
 CACHES=("$CACHE_ROOT"/*/features.h5)
 shopt -u nullglob
 if [[ ${#CACHES[@]} -eq 0 ]]; then
-  echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5; the report will list every cell as not run" >&2
+  echo "run_all.sh: no caches under $CACHE_ROOT/*/features.h5: nothing to fit, and the report will refuse" >&2
   echo "            (create caches with \`pipeline extract ...\` or rerun with --extract-missing)" >&2
 fi
-LIST_FLAGS=(--list-fits)
-if [[ $QUICK -eq 1 ]]; then LIST_FLAGS+=(--quick); fi
-fits=$("${PIPE[@]}" report --cache-root "$CACHE_ROOT" "${LIST_FLAGS[@]}") \
-  || { echo "run_all.sh: FAILED listing the fits (pipeline report --list-fits)" >&2; exit 1; }
-FIT_DIRS=()
-FIT_ARGS=()
-while IFS=$'\t' read -r dir args; do
-  [[ -n "$dir" ]] || continue
-  FIT_DIRS+=("$dir")
-  FIT_ARGS+=("$args")
-done <<<"$fits"
-for i in "${!FIT_DIRS[@]}"; do
-  read -r -a args <<<"${FIT_ARGS[$i]}"
-  step "fit-head $(basename "${FIT_DIRS[$i]}") ${FIT_ARGS[$i]}" "${PIPE[@]}" fit-head --cache "${FIT_DIRS[$i]}" "${args[@]}"
-done
+QUICK_FLAG=()
+if [[ $QUICK -eq 1 ]]; then QUICK_FLAG=(--quick); fi
+REPORT_ARGS=(--cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@]}"} ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"})
 
-# ---- report ---------------------------------------------------------------------------------------------
-step "report" "${PIPE[@]}" report --cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@]}"} \
-  ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"}
+if [[ $PER_FIT -eq 0 ]]; then
+  # one process: the fits of `--list-fits` (stage 2's fit_head + record_fit, as `pipeline fit-head` runs
+  # them), then the report
+  step "fit every head the tables and figures need, then the report (one process)" \
+    "${PIPE[@]}" report --fit ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} "${REPORT_ARGS[@]}"
+else
+  fits=$("${PIPE[@]}" report --cache-root "$CACHE_ROOT" --list-fits ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"}) \
+    || { echo "run_all.sh: FAILED listing the fits (pipeline report --list-fits)" >&2; exit 1; }
+  FIT_DIRS=()
+  FIT_ARGS=()
+  while IFS=$'\t' read -r dir args; do
+    [[ -n "$dir" ]] || continue
+    FIT_DIRS+=("$dir")
+    FIT_ARGS+=("$args")
+  done <<<"$fits"
+  for i in "${!FIT_DIRS[@]}"; do
+    read -r -a args <<<"${FIT_ARGS[$i]}"
+    step "fit-head $(basename "${FIT_DIRS[$i]}") ${FIT_ARGS[$i]}" "${PIPE[@]}" fit-head --cache "${FIT_DIRS[$i]}" "${args[@]}"
+  done
+  step "report" "${PIPE[@]}" report "${REPORT_ARGS[@]}"
+fi
 echo "run_all.sh: $NSTEP steps OK, total time $(( $(date +%s) - T0 )) s; read $OUT/README.md"

@@ -373,9 +373,18 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
 @click.option("--list-fits", is_flag=True,
               help="Only print the fits the tables and figures need, one per line: <cache dir><TAB><fit-head "
                    "options> (run_all.sh runs them); write nothing.")
-@click.option("--quick", is_flag=True, help="With --list-fits: only the smoke-test subset (ncm, learned-ncm).")
-def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, list_fits, quick):
-    """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results."""
+@click.option("--quick", is_flag=True,
+              help="With --list-fits or --fit: only the smoke-test subset (ncm, learned-ncm).")
+@click.option("--force", is_flag=True,
+              help="Replace a report in --out that fills more table cells than this one would.")
+@click.option("--fit", "fit_first", is_flag=True,
+              help="First run every fit of --list-fits in this process (one Python start; rows appended to "
+                   "each cache's results.csv, as `pipeline fit-head` does), then write the report.")
+def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, list_fits, quick, force, fit_first):
+    """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results.
+
+    Never loses output: refuses when --cache-root holds no cache, writes a complete new --out folder
+    before swapping it in, and needs --force to replace a report that fills more cells."""
     from . import report as rp  # pandas, matplotlib: only when a report is made
     roots = rp.parse_data_roots(data_roots)
     if list_missing:
@@ -386,7 +395,10 @@ def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, lis
         for cache_dir, args in rp.needed_fits(cache_root, quick=quick):
             click.echo(f"{cache_dir}\t{' '.join(args)}")
         return
-    res = rp.build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots)
+    if fit_first:
+        rp.run_plan(rp.fit_plan(cache_root, quick=quick), echo=click.echo)
+    res = rp.build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots,
+                          force=force)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(res.summary())

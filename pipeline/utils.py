@@ -1,4 +1,4 @@
-"""Small shared helpers: user errors, provenance, atomic writes."""
+"""Small shared helpers: user errors, provenance, atomic writes (files and folders), a lock without a lock file."""
 from __future__ import annotations
 
 import contextlib
@@ -89,15 +89,35 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status), else by the
+    set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final, suffix=""):
     """Yield a temporary path next to `final`; on success move it into place with os.replace.
 
-    On any error the temporary file is removed and whatever was at `final` is left untouched.
+    On any error the temporary file is removed and whatever was at `final` is left untouched.  The file
+    gets the mode a plain ``open(final, "w")`` would give a new file (0666 less the umask), not mkstemp's
+    private 0600, so that lab-mates on a shared server can read results, reports and caches.
     """
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -105,3 +125,75 @@ def atomic_path(final, suffix=""):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Yield an empty temporary folder next to `final`; on success swap it in for `final` in one step.
+
+    Where the kernel can exchange two paths atomically (Linux renameat2) there is no moment without a
+    complete `final`; elsewhere the old folder is renamed aside first and restored if the second rename
+    fails.  On any error while the folder is being filled, the temporary folder is removed and `final` is
+    untouched.  The new folder gets the mode of a plain ``mkdir`` (0777 less the umask).
+    """
+    import shutil
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        if not final.exists():
+            os.rename(tmp, final)
+            return
+        if _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.rmdir(old)
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def dir_lock(directory):
+    """Exclusive advisory lock on a folder itself (flock on its descriptor; POSIX), so no lock file is
+    left behind; a no-op where fcntl is unavailable.  For writers that replace a file in that folder with
+    os.replace (the file's own inode changes, so it cannot carry the lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

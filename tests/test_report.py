@@ -187,21 +187,115 @@ def test_not_run_rows_carry_the_command(world):
 def test_two_stage1_seeds_give_mean_std_n(world):
     t1 = _table(world["out"], "table1")
     cell = _cell(t1, "Learned NCM", "cifar100-lt", "200", "all")
-    assert cell["ours"] == "41.00" and cell["ours_std"] == "1.41" and cell["n_seeds"] == "2"
+    assert cell["ours"] == "41.0" and cell["ours_std"] == "1.4" and cell["n_seeds"] == "2"
     assert cell["fit_ids"] == "lncm-s0;lncm-s1"
     assert len(cell["cache_fingerprints"].split(";")) == 2
-    assert cell["diff"] == f"{41.0 - 45.7:+.2f}" and cell["status"] == "missed"
+    assert cell["diff"] == "-4.7" and cell["status"] == "missed"
     single = _cell(t1, "NCM", "cifar100-lt", "100", "all")
     assert single["n_seeds"] == "1" and single["ours_std"] == ""
+
+
+def test_one_rounding_rule():
+    from pipeline.report.fmt import diff1, fmt1, fmt_diff
+    # half away from zero on the shortest decimal form, whatever the binary float underneath
+    assert [fmt1(v) for v in (18.85, 67.7625, 67.725, 0.05, -0.05, 41.0, float("nan"), None, "")] == \
+        ["18.9", "67.8", "67.7", "0.1", "-0.1", "41.0", "", "", ""]
+    # exact binary halves: Python's format would round half to even (58.2, 0.2)
+    assert [fmt1(v) for v in (58.25, 0.25, "58.25", -58.25)] == ["58.3", "0.3", "58.3", "-58.3"]
+    assert fmt1(-0.04) == "0.0"  # never "-0.0"
+    # a difference is taken between the values shown: 79.66 shows as 79.7, so 79.7 - 79.7 = +0.0
+    assert fmt_diff(diff1(79.66, 79.7)) == "+0.0" and fmt_diff(diff1(58.03, 80.3)) == "-22.3"
+
+
+NUM = r"[+-]?\d+\.\d"
+
+
+def test_tables_one_decimal_one_value_per_cell_and_latex(world):
+    import re
+    out = world["out"]
+    for t in rp.TABLES:
+        df = _table(out, t.name)
+        for col in ("ours", "ours_std", "paper", "diff"):
+            bad = [v for v in df[col] if v and not re.fullmatch(NUM, v)]
+            assert not bad, (t.name, col, bad[:3])  # one decimal, like the paper
+        md = (out / f"{t.name}.md").read_text()
+        rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| Method")]
+        assert rows
+        for line in rows:
+            for cell in line.strip("|").split("|")[2:]:
+                assert len(re.findall(r"\d+\.\d+", cell)) <= 1, (t.name, line)  # one value per cell
+        tex = (out / f"{t.name}.tex").read_text()
+        assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "\\begin{tabular}" in tex
+        assert tex.count("\\begin{table}") == 1 and tex.count("\\end{table}") == 1
+        assert "τ" not in tex and "β" not in tex and "±" not in tex  # escaped for LaTeX
+        # every value of ours in the CSV appears, the same, in the Markdown and the LaTeX
+        for v in df.loc[df["ours"] != "", "ours"]:
+            assert re.search(rf"(?<![\d.]){re.escape(v)}(?![\d])", md) and v in tex, (t.name, v)
+    t1 = _table(out, "table1")
+    md = (out / "table1.md").read_text()
+    block = md[md.index("| Learned NCM | paper"):]
+    assert block.splitlines()[1].startswith("|  | ours | 41.0 |")  # mean of 40 and 42, one decimal
+    assert block.splitlines()[2].startswith("|  | ± std | 1.4 |") and block.splitlines()[3].startswith("|  | seeds | 2 |")
+    assert "**79.7**" in (out / "table7.md").read_text()  # within the tolerance: bold
+    readme = (out / "README.md").read_text()
+    assert "(table1.tex)" in readme
+
+
+def _heads(out, run):
+    return pd.read_csv(out / "heads" / f"{run}.csv", dtype=str, keep_default_na=False)
+
+
+def test_every_head_table_per_cache(world):
+    """Every fit of every cache is in a table, with the paper's value where the paper has one: 7 of the 19
+    fits run_all.sh makes (tau-norm, lws, posthoc-la, metric-ncm global/local, bn_recal) used to be only in
+    results.csv for a cache like the shipped CIFAR-10-LT beta=100 one."""
+    out, res = world["out"], world["res"]
+    readme = (out / "README.md").read_text()
+    assert set(res.heads) == {p.name for p in world["root"].iterdir()}
+    for run in res.heads:
+        assert f"(heads/{run}.md)" in readme
+        assert (out / "heads" / f"{run}.md").exists() and (out / "heads" / f"{run}.tex").exists()
+    df = _heads(out, "cifar10-lt-b100-synthetic-s0")
+    assert list(df.columns) == rp.HEAD_COLUMNS
+    fits = df.drop_duplicates("fit_id")
+    assert len(df) == 4 * len(fits) and len(fits) == len(ALL_FITS)  # every fit, All/Many/Medium/Few
+    assert {"tau-norm", "lws", "posthoc-la", "metric-ncm", "local-projection", "crt"} <= set(fits["head"])
+    assert sorted(fits.loc[fits["head"] == "learned-ncm", "tau"], key=float) == ["0", "0.0625", "0.125", "0.25",
+                                                                                "0.5", "1"]
+
+    def cell(df, method, metric):
+        sel = df[(df["method"] == method) & (df["metric"] == metric)]
+        assert len(sel) == 1, (method, metric, len(sel))
+        return sel.iloc[0]
+    assert cell(df, "Softmax", "all")["paper"] == "80.3" and cell(df, "Softmax", "all")["paper_table"] == "table7"
+    assert cell(df, "NCM", "all")["paper"] == "79.8"
+    tn = cell(df, "Decoupling (τ-norm)", "all")  # the paper has τ-norm only on CIFAR-100 / ImageNet
+    assert tn["paper"] == "" and tn["status"] == "ours only (no paper value)" and tn["ours"]
+    assert cell(df, "Local Metric + Learned NCM", "all")["ours"] != cell(df, "Global Metric + Learned NCM", "all")["ours"]
+    assert cell(df, "Learned NCM, τ = 0.0625", "all")["paper"] == ""
+    # the value of a fit is the same as in the paper's tables
+    t7 = _table(out, "table7")
+    assert cell(df, "Learned NCM", "many")["ours"] == _cell(t7, "Learned NCM", "cifar10-lt", "100", "many")["ours"]
+    # BN-recalibrated fits, with Table 6's values; a non-default setting is its own row without one
+    bn = _heads(out, "cifar100-lt-b200-synthetic-s0")
+    b = cell(bn, "Learned NCM (BN)", "all")
+    assert b["variant"] == "bn_recal" and b["paper"] == "45.6" and b["paper_table"] == "table6"
+    c10 = _heads(out, "cifar10-lt-b200-synthetic-s0")
+    k3 = cell(c10, "Multi-NCM, num_centroids=3", "all")
+    assert k3["fit_id"] == "mncm-k3" and k3["paper"] == "" and "--num-centroids 3" in k3["command"]
+    assert cell(c10, "Multi-NCM", "all")["paper"] == "80.8"
+    md = (out / "heads" / "cifar10-lt-b100-synthetic-s0.md").read_text()
+    assert "| Decoupling (LWS) | ours |" in md and "| Post-hoc logit adjustment (τ = 1) | ours |" in md
+    assert "| Learned NCM (BN) | ours |" in (out / "heads" / "cifar100-lt-b200-synthetic-s0.md").read_text()
 
 
 def test_latest_row_per_configuration_and_stale_rows(world):
     t7 = _table(world["out"], "table7")
     cell = _cell(t7, "NCM", "cifar10-lt", "200", "all")
-    assert cell["fit_ids"] == "ncm-new" and cell["ours"] == "79.70"
-    assert cell["status"] == "reproduced" and cell["diff"] == "+0.00"
+    assert cell["fit_ids"] == "ncm-new" and cell["ours"] == "79.7"
+    assert cell["status"] == "reproduced" and cell["diff"] == "+0.0"
     soft = _cell(t7, "Softmax", "cifar10-lt", "200", "all")
-    assert soft["fit_ids"] != "softmax-stale" and soft["ours"] != "99.00"
+    assert soft["fit_ids"] != "softmax-stale" and soft["ours"] != "99.0"
     mn = _cell(t7, "Multi-NCM", "cifar10-lt", "200", "all")
     assert mn["fit_ids"] != "mncm-k3"
     t5 = _table(world["out"], "table5")
@@ -235,10 +329,11 @@ def test_figures_are_valid_pngs_with_data(world):
         data = png.read_bytes()
         assert data[:8] == PNG_SIG and len(data) > 5000, name
         csvf = out / [p for p in figs[name].files if p.endswith(".csv")][0]
-        text = csvf.read_text()
-        assert text.startswith("# ") and "fingerprint" in text, name
+        assert len(pd.read_csv(csvf)) > 0, name  # a plain CSV: no comment lines to skip
+        side = json.loads((out / [p for p in figs[name].files if p.endswith(".json")][0]).read_text())
+        assert side["sources"] and all(s["fingerprint"] for s in side["sources"]), name
     assert not figs["fig8"].files and "pipeline extract --dataset cifar20-lt" in figs["fig8"].skipped
-    fig2 = pd.read_csv(out / "figures/fig2_variance_cifar10-lt.csv", comment="#")
+    fig2 = pd.read_csv(out / "figures/fig2_variance_cifar10-lt.csv")
     assert set(fig2["imbalance"].astype(str)) == {"200", "100"}
     assert {"sigma_mle", "sigma_ledoit-wolf", "sigma_oas"} <= set(fig2.columns)
     readme = (out / "README.md").read_text()
@@ -253,27 +348,73 @@ def test_readme_summary(world):
     assert "**Reproduced**" in readme and "**Missed**" in readme
     c = read_cache(world["c10"])
     assert c.fingerprint in readme
-    assert "newest input: 2030-01-01" in readme  # stable generation stamp, from the inputs
+    assert f"inputs digest `{rp.inputs_digest(rp.load_context(str(world['root'])))}`" in readme
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def test_report_twice_is_byte_identical(world, tmp_path):
+    """Every output file -- tables, every-head tables, figures (PNG, PDF, CSV, sidecar), README -- is a
+    function of the inputs alone."""
     out2 = tmp_path / "again"
     rp.build_report(str(world["root"]), out2, tsne_per_class=60)
-    for t in rp.TABLES:
-        for ext in (".csv", ".md"):
-            assert (world["out"] / f"{t.name}{ext}").read_bytes() == (out2 / f"{t.name}{ext}").read_bytes()
-    for f in world["res"].figures:
-        for p in f.files:
-            if p.endswith(".csv"):
-                assert (world["out"] / p).read_bytes() == (out2 / p).read_bytes(), p
+    a, b = _snapshot(world["out"]), _snapshot(out2)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert any(k.endswith(".png") for k in a) and any(k.startswith("heads/") for k in a)
 
 
-def test_no_caches_reports_everything_not_run(tmp_path):
+def test_rerunning_the_same_fits_changes_no_tracked_output(tmp_path, monkeypatch):
+    """The Quick start reruns every fit: new rows with new timestamps and the current commit, same fit ids and
+    numbers.  Only the git-ignored provenance.local.json may change (it records when and with which commit);
+    the report's own commit is in no tracked file."""
+    import shutil
+    import pipeline.utils
+    root = tmp_path / "cache"
+    d = make_cache(root, "cifar10-lt", 100, bn=False, n_max=120, dim=6)
+    for head in ("softmax", "ncm", "learned-ncm"):
+        write_fit(d, head, fit_id=f"{head}-fixed", timestamp="2024-01-01T00:00:00+00:00")
+    monkeypatch.setattr(pipeline.utils, "git_commit", lambda: "c0ffee1111111111111111111111111111111111")
+    rp.build_report(str(root), tmp_path / "r1", tsne_per_class=30)
+    first = _snapshot(tmp_path / "r1")
+    # the rerun: same fits, later, from another commit (a copy of the artifact under the same fit id)
+    rows = (d / "results.csv").read_text().splitlines()
+    rerun = [r.replace("2024-01-01T00:00:00+00:00", "2025-06-01T12:00:00+00:00").replace("abc123", "f00d")
+             for r in rows[1:]]
+    (d / "results.csv").write_text("\n".join(rows + rerun) + "\n")
+    monkeypatch.setattr(pipeline.utils, "git_commit", lambda: "beef222222222222222222222222222222222222")
+    rp.build_report(str(root), tmp_path / "r1", tsne_per_class=30)
+    second = _snapshot(tmp_path / "r1")
+    tracked = [k for k in first if k != "provenance.local.json"]
+    assert [k for k in tracked if first[k] != second.get(k)] == []
+    assert first["provenance.local.json"] != second["provenance.local.json"]
+    assert b"beef2222" in second["provenance.local.json"] and b"f00d" in second["provenance.local.json"]
+    assert b"provenance.local.json" in second[".gitignore"]
+    for k in tracked:
+        assert b"c0ffee11" not in first[k] and b"beef2222" not in second[k], k
+        assert b"2025-06-01" not in second[k], k
+
+
+def test_report_outputs_honour_the_umask(world, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "rep"
+        rp.build_report(str(world["root"]), out, figures=False)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {m for k, m in modes.items() if (out / k).is_file()} == {0o644}, modes
+    assert {m for k, m in modes.items() if (out / k).is_dir()} == {0o755}, modes
+
+
+def test_no_caches_is_nothing_to_report_but_lists_the_extracts(tmp_path):
     (tmp_path / "cache").mkdir()
-    res = rp.build_report(str(tmp_path / "cache"), tmp_path / "rep", figures=False)
-    allc = pd.concat(res.tables.values())
-    ours = allc[allc["head"] != ""]
-    assert (ours["status"] == "not run").all() and (ours["command"].str.contains("pipeline extract")).all()
+    with pytest.raises(rp.UserError, match="nothing to report"):
+        rp.build_report(str(tmp_path / "cache"), tmp_path / "rep", figures=False)
+    assert not (tmp_path / "rep").exists()
     cmds = rp.missing_extract_commands(str(tmp_path / "cache"))
     assert any("--dataset cifar10-lt" in c and "--imbalance 200" in c and "--bn-recalibrate" in c for c in cmds)
     assert any("--dataset imagenet-lt" in c for c in cmds)
@@ -356,13 +497,14 @@ def _env_with_stub(tmp_path, caches):
 
 
 def test_run_all_orchestration_with_stub(tmp_path):
-    """run_all.sh's own logic (which heads, BN variants, rerun, failing step) with a stand-in fit-head."""
+    """run_all.sh's own logic (which heads, BN variants, rerun, failing step) with a stand-in fit-head, in the
+    one-process-per-fit mode (tests/test_fitplan.py runs the default one-process mode with the real fits)."""
     root = tmp_path / "cache"
     c10 = make_cache(root, "cifar10-lt", 200, bn=True)
     c100 = make_cache(root, "cifar100-lt", 200, bn=False, num_classes=12)
     env = _env_with_stub(tmp_path, [c10, c100])
     cmd = ["bash", str(REPO / "run_all.sh"), "--cache-root", str(root), "--out", str(tmp_path / "rep"),
-           "--no-figures"]
+           "--no-figures", "--per-fit-processes"]  # the stub stands in for `pipeline fit-head` processes
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "total time" in r.stdout and "==> [" in r.stdout
@@ -464,7 +606,7 @@ def test_tau_norm_p_is_stated_and_val_choice_preferred(tmp_path):
     assert ("\t--head tau-norm --p auto" in "\n".join(f"{a}\t{' '.join(b)}" for a, b in rp.needed_fits(str(root))))
     res = rp.build_report(str(root), tmp_path / "rep", figures=False)
     cell = _cell(res.tables["table3"].astype(str), "Decoupling (τ-norm)", "cifar100-lt", "200", "all")
-    assert cell["fit_ids"] == "tn-auto" and cell["ours"] == "33.00"
+    assert cell["fit_ids"] == "tn-auto" and cell["ours"] == "33.0"
     assert "p = 0.7 (chosen on the val split)" in cell["note"] and "--p auto" in cell["command"]
 
 
@@ -488,13 +630,13 @@ def test_seeds_are_grouped_by_recipe_identity(tmp_path):
     assert len({c.fingerprint for c in ctx.infos}) == 3
 
 
-def test_figure_csvs_record_their_provenance(world):
-    text = (world["out"] / "figures" / "fig6b_cdnv.csv").read_text()
-    header = [line for line in text.splitlines() if line.startswith("#")]
-    assert any("toolkit commit" in h for h in header)
-    assert any(h.startswith("# source:") and "fingerprint" in h and "seed" in h and "stage1_commit" in h
-               for h in header)
-    assert "fit_id" in header[0] and "hparams" in header[0]
+def test_figure_sidecars_record_their_provenance(world):
+    side = json.loads((world["out"] / "figures" / "fig6b_cdnv.json").read_text())
+    assert side["figure"] == "fig6b" and side["title"] and side["caption"]
+    assert "fig6b_cdnv.csv" in side["files"] and "fit_id" in side["what"] and "hparams" in side["what"]
+    src = side["sources"][0]
+    assert {"cache", "fingerprint", "seed", "stage1_commit", "stage1_epochs", "stage1_iterations"} <= set(src)
+    assert src["fingerprint"] in {read_cache(d).fingerprint for d in world["root"].iterdir()}
 
 
 def test_learning_curve_skips_epochs_without_evaluation():

@@ -4,10 +4,16 @@ Inputs (nothing else is read):
   <cache_root>/<run>/features.h5   stage-1 caches (pipeline.cache)
   <cache_root>/<run>/results.csv   one row per stage-2 fit (pipeline fit-head), artifacts under fits/
 
-Outputs under ``out_dir``:
-  table{1,2,3,5,6,7}.csv / .md     long format, one row per (method, dataset, beta, metric) cell
-  figures/fig*.png + fig*.csv      each figure with the numbers behind it (header names source + fingerprint)
+Outputs under ``out_dir`` (built in a temporary folder, swapped in when complete):
+  table{1,2,3,5,6,7}.csv / .md / .tex   long CSV, one row per (method, dataset, beta, metric) cell; Markdown
+                                   and booktabs LaTeX in the paper's layout, one value per cell
+  heads/<run>.csv / .md / .tex     every head, variant and setting fitted on one cache, with the paper's value
+  figures/fig*.png + .csv + .json  each figure, the numbers behind it, and a sidecar with its title, caption
+                                   and provenance (source caches, fingerprints, fit ids)
   README.md                        what the numbers come from, headline, reproduced / missed cells, figures
+  provenance.local.json            when and with which commit each fit ran, the report's commit: changes on
+                                   every rerun, so git-ignored (.gitignore); everything else is a function of
+                                   the inputs (caches' fingerprints, fit ids and accuracies) alone
 
 Rules: a configuration with no cache or no fit is a "not run" row with the command that would produce it
 (never dropped, never filled from the paper).  Per (cache, head, variant, tau, hparams) only the latest
@@ -21,30 +27,41 @@ Modules: ``paper`` (the transcribed tables, pure data), ``runs`` (finding caches
 from __future__ import annotations
 
 import io
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import RESULT_COLUMNS  # noqa: F401  (re-exported: the contract the report reads)
-from ..utils import UserError, atomic_path, check_writable_dir
+from ..utils import UserError, atomic_dir, atomic_path, check_writable_dir
+from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_head_markdown
 from .figures import build_figures
-from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES, needed_specs
+from .fitplan import FitJob, fit_plan, run_plan
+from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES
 from .readme import build_readme
-from .runs import ReportContext, fit_args, load_context
-from .tables import LONG_COLUMNS, build_table, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
+from .runs import ReportContext, inputs_digest, load_context, volatile_provenance
+from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
-__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "RESULT_COLUMNS", "UserError", "build_report",
-           "missing_extract_commands", "needed_fits", "parse_data_roots"]
+__all__ = ["ReportContext", "ReportResult", "TABLES", "LONG_COLUMNS", "HEAD_COLUMNS", "RESULT_COLUMNS", "UserError",
+           "FitJob", "build_report", "filled_cells", "filled_cells_on_disk", "fit_plan", "inputs_digest",
+           "missing_extract_commands", "needed_fits", "parse_data_roots", "run_plan"]
 
 
 @dataclass
 class ReportResult:
     out_dir: Path
-    tables: dict
+    tables: dict  # the paper's tables: name -> long DataFrame
     figures: list
     warnings: list
     files: list
+    heads: dict = None  # the every-head tables: run -> long DataFrame
+
+    @property
+    def filled(self) -> int:
+        """Table cells with a number of ours (paper tables + every-head tables): what --force guards."""
+        return filled_cells(self.tables) + filled_cells(self.heads or {})
 
     def summary(self) -> str:
         allc = pd.concat(self.tables.values(), ignore_index=True)
@@ -70,32 +87,111 @@ def _write_text(path: Path, text: str):
         tmp.write_text(text)
 
 
+# What `pipeline report` writes into --out (anything else there is someone's file: never swap it away).
+_OWN_TOP = re.compile(r"(README\.md|table\d+\.(csv|md|tex)|heads|figures|\.gitignore|provenance\.local\.json)")
+_OWN_SUB = {"figures": re.compile(r"fig\w*[-\w.]*\.(png|pdf|csv|json)"), "heads": re.compile(r"[-\w.]+\.(csv|md|tex)")}
+
+
+def _check_out_dir(out_dir: Path):
+    """``out_dir`` must be absent, empty, or a folder of report outputs: it is replaced as a whole."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+    foreign = []
+    for p in sorted(out_dir.iterdir()):
+        if not _OWN_TOP.fullmatch(p.name):
+            foreign.append(p.name)
+        elif p.name in _OWN_SUB:
+            if not p.is_dir():
+                foreign.append(p.name)
+                continue
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if not _OWN_SUB[p.name].fullmatch(q.name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out_dir} holds files that `pipeline report` did not write ({shown}); the report "
+                        "replaces the whole folder, so choose an empty or report-only --out")
+
+
+def filled_cells(tables: dict) -> int:
+    """Table cells with a number of ours (every long-format table: the paper's tables and the every-head
+    tables)."""
+    return int(sum((df["ours"].astype(str) != "").sum() for df in tables.values() if "ours" in df.columns))
+
+
+def filled_cells_on_disk(out_dir) -> int:
+    """:func:`filled_cells` of the report already in ``out_dir`` (0 when there is none)."""
+    out_dir = Path(out_dir)
+    n = 0
+    for f in sorted(out_dir.glob("table*.csv")) + sorted(out_dir.glob("heads/*.csv")):
+        try:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+            continue
+        if "ours" in df.columns:
+            n += int((df["ours"] != "").sum())
+    return n
+
+
 def build_report(cache_root="cache", out_dir="reports", figures: bool = True, tolerance: float = 1.0,
-                 data_roots: dict | None = None, tsne_per_class: int = 300) -> ReportResult:
+                 data_roots: dict | None = None, tsne_per_class: int = 300, force: bool = False) -> ReportResult:
     """Write every table (CSV + Markdown), the figures and README.md under ``out_dir``.
+
+    Never loses output: refuses (UserError) when ``cache_root`` holds no readable cache, or when the new
+    report would fill fewer table cells than the one in ``out_dir`` unless ``force``; builds everything in
+    a temporary folder next to ``out_dir`` and swaps it in only when complete.
 
     ``data_roots`` maps dataset -> data root for the `pipeline extract` commands of cells not run;
     ``tsne_per_class`` caps the samples per class in the Figure 1 t-SNE.
     """
-    out_dir = check_writable_dir(out_dir, "--out")
+    out_dir = Path(out_dir)
     if not Path(cache_root).exists():
         raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass --cache-root")
     ctx = load_context(cache_root, data_roots, tolerance)
-    tables, files = {}, []
-    for t in TABLES:
-        df = build_table(ctx, t)
-        tables[t.name] = df
-        buf = io.StringIO()
-        df.to_csv(buf, index=False, lineterminator="\n")
-        _write_text(out_dir / f"{t.name}.csv", buf.getvalue())
-        _write_text(out_dir / f"{t.name}.md", table_markdown(t, df, tolerance))
-        files += [f"{t.name}.csv", f"{t.name}.md"]
-    figs = build_figures(ctx, out_dir, tsne_per_class) if figures else []
-    for f in figs:
-        files += f.files
-    _write_text(out_dir / "README.md", build_readme(ctx, tables, figs))
-    files.append("README.md")
-    return ReportResult(out_dir, tables, figs, ctx.warnings, files)
+    if not ctx.infos:
+        why = f" ({'; '.join(ctx.warnings)})" if ctx.warnings else ""
+        raise UserError(f"nothing to report: no readable cache under {cache_root}/<run>/features.h5{why}; "
+                        f"{out_dir} is left as it is. Create caches with `pipeline extract` (`pipeline report "
+                        "--list-missing` prints the commands) or pass the right --cache-root")
+    _check_out_dir(out_dir)
+    check_writable_dir(out_dir.parent, "--out")
+    tables = {t.name: build_table(ctx, t) for t in TABLES}
+    heads = build_every_head(ctx)
+    new, old = filled_cells(tables) + filled_cells(heads), filled_cells_on_disk(out_dir)
+    if new < old and not force:
+        raise UserError(f"this report would fill {new} table cells, the one in {out_dir} fills {old} (fewer "
+                        f"caches or fits under {cache_root} than last time?); {out_dir} is left as it is. Pass "
+                        "--force to replace it")
+    files = []
+    with atomic_dir(out_dir) as tmp:
+        for t in TABLES:
+            df = tables[t.name]
+            buf = io.StringIO()
+            df.to_csv(buf, index=False, lineterminator="\n")
+            _write_text(tmp / f"{t.name}.csv", buf.getvalue())
+            _write_text(tmp / f"{t.name}.md", table_markdown(t, df, tolerance))
+            _write_text(tmp / f"{t.name}.tex", table_latex(t, df, tolerance))
+            files += [f"{t.name}.csv", f"{t.name}.md", f"{t.name}.tex"]
+        if heads:
+            (tmp / "heads").mkdir()
+        for run, df in heads.items():
+            buf = io.StringIO()
+            df.to_csv(buf, index=False, lineterminator="\n")
+            _write_text(tmp / "heads" / f"{run}.csv", buf.getvalue())
+            _write_text(tmp / "heads" / f"{run}.md", every_head_markdown(run, df, ctx, tolerance))
+            _write_text(tmp / "heads" / f"{run}.tex", every_head_latex(run, df, ctx, tolerance))
+            files += [f"heads/{run}.{ext}" for ext in ("csv", "md", "tex")]
+        figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
+        for f in figs:
+            files += f.files
+        _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
+        # what changes on every rerun of the same fits (when, which commit) stays out of the tracked files
+        _write_text(tmp / "provenance.local.json",
+                    json.dumps(volatile_provenance(ctx), indent=1, ensure_ascii=False) + "\n")
+        _write_text(tmp / ".gitignore", "# written by `pipeline report`: changes on every rerun, never commit it\n"
+                                        "provenance.local.json\n")
+        files += ["README.md", "provenance.local.json", ".gitignore"]
+    return ReportResult(out_dir, tables, figs, ctx.warnings, files, heads)
 
 
 def missing_extract_commands(cache_root="cache", data_roots: dict | None = None) -> list:
@@ -115,16 +211,5 @@ def missing_extract_commands(cache_root="cache", data_roots: dict | None = None)
 
 def needed_fits(cache_root="cache", quick: bool = False) -> list:
     """(cache dir, fit-head options) for every fit the tables and figures need, on every cache under
-    ``cache_root`` (bn_recal fits only where the cache has those features; tau-norm's p picked on the val
-    split where the cache has one)."""
-    ctx = load_context(cache_root)
-    out = []
-    for c in ctx.infos:
-        for spec in needed_specs(quick):
-            if spec.variant not in c.cache.variants:
-                continue
-            args = fit_args(spec)
-            if spec.head == "tau-norm" and "val" in c.cache.splits(spec.variant):
-                args += ["--p", "auto"]
-            out.append((str(c.dir), args))
-    return out
+    ``cache_root`` (the plan of :func:`fit_plan`, as `pipeline report --list-fits` prints it)."""
+    return [(job.cache_dir, job.args()) for job in fit_plan(cache_root, quick)]

@@ -1,9 +1,11 @@
 """The paper's figures from the caches and fit artifacts.  Each figure is a PNG plus the CSV of the numbers
-behind it, written together by :func:`write_figure`, whose CSV header says what the figure shows and where
-every number came from (report commit, source cache fingerprint, stage-1 seed and commit, fit ids)."""
+behind it (plain: ``pandas.read_csv`` reads it as it is), written together by :func:`write_figure`, and a
+sidecar ``<stem>.json`` with its title, caption and where every number came from (source cache fingerprint,
+stage-1 seed, budget and commit, fit ids) -- all functions of the inputs, so a rerun is byte-identical."""
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,50 +14,64 @@ import pandas as pd
 
 from .. import analysis
 from ..cache import CACHE_FILE
-from ..utils import UserError, atomic_path, git_commit
+from ..utils import UserError, atomic_path
 from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
-from .runs import ReportContext, as_float, expected_run, fit_command, pick_row
+from .fmt import fmt1
+from .runs import ReportContext, as_float, budget, expected_run, fit_command, pick_row
 
 
 def _plt():
     import matplotlib  # only when a figure is drawn
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"svg.hashsalt": "lncm", "figure.dpi": 100})
+    plt.rcParams.update({"svg.hashsalt": "lncm", "figure.dpi": 100, "font.size": 10, "axes.titlesize": 11,
+                         "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9,
+                         "pdf.fonttype": 42, "ps.fonttype": 42})  # TrueType in the PDF: editable text
     return plt
 
 
-def source_line(c) -> str:
+PNG_DPI = 200
+
+
+def source(c) -> dict:
     """Where a figure's numbers come from: the cache, its identity and the stage-1 run that made it."""
-    return (f"source: {c.rel}/{CACHE_FILE} fingerprint {c.fingerprint} dataset {c.dataset} imbalance "
-            f"{fmt_beta(c.imbalance) if c.imbalance else 'natural'} stage1_epochs {c.epochs} seed {c.seed} "
-            f"recipe {c.config.get('recipe') or 'not recorded'} stage1_commit {c.prov.get('git_commit', '')} "
-            f"data {c.data_label()}")
+    return {"cache": f"{c.rel}/{CACHE_FILE}", "fingerprint": c.fingerprint, "dataset": c.dataset,
+            "imbalance": fmt_beta(c.imbalance) if c.imbalance else "natural", "stage1_epochs": c.epochs,
+            "stage1_iterations": c.config.get("iterations"), "seed": c.seed,
+            "recipe": c.config.get("recipe") or "not recorded", "stage1_commit": c.prov.get("git_commit", ""),
+            "data": c.data_label()}
 
 
-def write_figure(figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, caches, extra=()) -> list:
-    """Write ``<stem>.png`` and ``<stem>.csv`` (the numbers behind it) atomically; the CSV header names what
-    the figure shows, the report's commit, every source cache and any ``extra`` lines.  Returns both paths
-    relative to the report folder."""
+def write_figure(fr, figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, caches, extra=()) -> list:
+    """Write ``<stem>.png`` (PNG_DPI), ``<stem>.pdf`` (vector) and ``<stem>.csv`` (the numbers behind it, a
+    plain CSV) atomically and set ``fr.files``; ``what`` the figure shows, its source caches and any
+    ``extra`` lines go to ``fr.meta``, which :func:`build_figures` writes with the title and caption into the
+    sidecar ``<stem>.json``.  No date or software version in the files: same inputs, same bytes."""
     with atomic_path(figdir / f"{stem}.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
+    with atomic_path(figdir / f"{stem}.pdf", suffix=".pdf") as tmp:
+        fig.savefig(tmp, format="pdf", bbox_inches="tight",
+                    metadata={"Creator": None, "Producer": None, "CreationDate": None})
     _plt().close(fig)
     buf = io.StringIO()
-    for h in [what, f"made by: pipeline report (toolkit commit {git_commit()})", *map(source_line, caches), *extra]:
-        buf.write(f"# {h}\n")
     df.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
     with atomic_path(figdir / f"{stem}.csv", suffix=".csv") as tmp:
         tmp.write_text(buf.getvalue())
-    return [f"figures/{stem}.png", f"figures/{stem}.csv"]
+    fr.files = [f"figures/{stem}.png", f"figures/{stem}.pdf", f"figures/{stem}.csv"]
+    fr.meta = {"what": what, "sources": [source(c) for c in caches], "notes": list(extra)}
+    return fr.files
 
 
 def title_ds(g) -> str:
-    s = dataset_label(g.dataset, g.imbalance)
-    if g.caches[0].data_label() == "CIFAR-10 (JPEG q75)":
-        s += " [CIFAR-10 (JPEG q75)]"
-    if g.caches[0].recipe_deviations():
-        s += f" [stage 1: {g.epochs} epochs, not the paper's recipe]"
-    return s
+    """The dataset part of a figure title, kept short (the provenance goes to the caption: stage1_note)."""
+    return dataset_label(g.dataset, g.imbalance)
+
+
+def stage1_note(c) -> str:
+    """Where the features of a figure come from, for its caption."""
+    s = f"run `{c.run}`; stage 1: {budget(c)}, recipe {c.config.get('recipe') or 'not recorded'}; {c.data_label()}"
+    devs = c.recipe_deviations()
+    return s + (f"; **not the paper's stage-1 recipe** ({', '.join(devs)})" if devs else "")
 
 
 @dataclass
@@ -65,6 +81,7 @@ class FigureResult:
     files: list = field(default_factory=list)
     skipped: str = ""  # reason + command when not produced
     caption: str = ""
+    meta: dict = field(default_factory=dict)  # provenance for the sidecar <stem>.json
 
 
 def _fit_artifacts(ctx: ReportContext, prefs, spec):
@@ -115,16 +132,16 @@ def fig_tsne(ctx: ReportContext, figdir, per_class=300) -> FigureResult:
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
         ax.set_title(f"t-SNE of train features, {title_ds(g)}")
-        ax.legend(fontsize=8)
+        ax.legend()
         sp = analysis.spread(emb, lab)
         df = pd.DataFrame({"index": idx, "label": lab, "class": [names[i] for i in lab],
                            "train_count": [int(counts[i]) for i in lab], "tsne_x": emb[:, 0], "tsne_y": emb[:, 1]})
-        fr.files = write_figure(
-            figdir, "fig1_tsne", fig, df,
+        write_figure(
+            fr, figdir, "fig1_tsne", fig, df,
             f"fig1: t-SNE (sklearn, random_state=0, <={per_class} train samples per class) of one tail and two "
             "head classes", [c],
             ["mean distance to 2-D class centre: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in sp.items())])
-        fr.caption = (f"{title_ds(g)}, run `{c.run}`: tail class {names[tail]} (N={int(counts[tail])}) vs head "
+        fr.caption = (f"{title_ds(g)} ({stage1_note(c)}): tail class {names[tail]} (N={int(counts[tail])}) vs head "
                       f"classes {names[h1]}, {names[h2]}; mean 2-D spread " +
                       ", ".join(f"{names[k]} {v:.2f}" for k, v in sp.items()) + ".")
         return fr
@@ -158,25 +175,24 @@ def fig_variance(ctx: ReportContext, figdir, fig, dataset, label) -> FigureResul
         ax.set_xscale("log")
         ax.set_xlabel("class size $N_y$ (train images, log scale)")
         ax.set_ylabel("intra-class variance $\\sigma_y$ (largest eigenvalue)")
-        ax.set_title(f"{title_ds(g)}", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(f"β={fmt_beta(g.imbalance)}")
+        ax.legend(fontsize=8, loc="best", framealpha=0.8)
         df = pd.DataFrame({"imbalance": fmt_beta(g.imbalance), "run": c.run, "fingerprint": c.fingerprint,
                            "class": np.arange(len(counts)), "class_name": c.cache.class_names,
                            "train_count": counts})
         for est in analysis.ESTIMATORS:
             df[f"sigma_{est}"] = res["sigma"][est]
         frames.append((df, c, res))
-        captions.append(f"β={fmt_beta(g.imbalance)}: ρ = " + ", ".join(
+        captions.append(f"β={fmt_beta(g.imbalance)} ({stage1_note(c)}): Spearman ρ(N_y, σ_y) = " + ", ".join(
             f"{analysis.ESTIMATOR_LABELS[e]} {res['rho'][e]:.2f}" for e in analysis.ESTIMATORS))
-    fig_.suptitle(f"Intra-class variance vs class size, {DATASET_LABEL[dataset]} (train features, stage 1)")
+    fig_.suptitle(f"Intra-class variance vs class size, {DATASET_LABEL[dataset]}")
     extra = [f"spearman rho(N_y, sigma_y) beta={fmt_beta(c.imbalance)}: " + ", ".join(
         f"{e} {res['rho'][e]:.4f} (p={res['pvalue'][e]:.3g}, n={res['n'][e]})" for e in analysis.ESTIMATORS)
         for _, c, res in frames]
-    fr.files = write_figure(figdir, f"{fig}_variance_{dataset}", fig_,
-                            pd.concat([f for f, _, _ in frames], ignore_index=True),
-                            f"{fig}: sigma_y = largest eigenvalue of the class covariance (Eq. 1) per estimator",
-                            [c for _, c, _ in frames], extra)
-    fr.caption = "; ".join(captions) + "."
+    write_figure(fr, figdir, f"{fig}_variance_{dataset}", fig_, pd.concat([f for f, _, _ in frames], ignore_index=True),
+                 f"{fig}: sigma_y = largest eigenvalue of the class covariance (Eq. 1) per estimator",
+                 [c for _, c, _ in frames], extra)
+    fr.caption = "Train features of stage 1. " + "; ".join(captions) + "."
     missing = [b for b in (200.0, 100.0, 10.0) if b not in betas]
     if missing:
         fr.caption += " Not run: " + " ; ".join(f"`{ctx.extract_command(dataset, b)}`" for b in missing) + "."
@@ -192,27 +208,30 @@ def fig_local_projection(ctx: ReportContext, figdir) -> FigureResult:
             continue
         w = np.asarray(art["local_weights"], dtype=np.float64)
         counts = c.cache.train_counts
+        names = list(c.cache.class_names)
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * w.shape[0] + 1.5)))
+        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.32 * w.shape[0] + 1.5)))
         im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xlabel("eigendimension i (ascending eigenvalue of Σ_y)")
-        ax.set_ylabel("class y (label order; N_y)")
-        if w.shape[0] <= 40:
+        ax.set_xlabel("eigendimension $i$ (ascending eigenvalue of $\\Sigma_y$)")
+        ax.set_ylabel("class $y$ (train images $N_y$)")
+        if w.shape[0] <= 40:  # class names; more classes would not be legible
             ax.set_yticks(range(w.shape[0]))
-            ax.set_yticklabels([f"{i} (N={int(n)})" for i, n in enumerate(counts)], fontsize=7)
-        ax.set_title(f"Local projection weights σ(w_y^i), {title_ds(g)}")
-        fig.colorbar(im, ax=ax, label="σ(w)")
+            ax.set_yticklabels([f"{names[i]} ({int(n)})" for i, n in enumerate(counts)])
+        ax.set_title(f"Local projection weights, {title_ds(g)}")
+        fig.colorbar(im, ax=ax, label="$\\sigma(w_y^i)$")
         df = pd.DataFrame(w, columns=[f"dim{i}" for i in range(w.shape[1])])
         df.insert(0, "train_count", counts)
+        df.insert(0, "class_name", names)
         df.insert(0, "class", np.arange(w.shape[0]))
-        fr.files = write_figure(figdir, "fig3_local_projection", fig, df,
-                                f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} "
-                                f"(hparams {r['hparams']})", [c])
+        write_figure(fr, figdir, "fig3_local_projection", fig, df,
+                     f"fig3: local-projection sigmoid weights, fit_id {r['fit_id']} (hparams {r['hparams']})", [c])
         half = w.shape[1] // 2
         top = w[:, half:].mean(1)
-        fr.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`. Mean weight of the upper half "
-                      f"of eigendimensions: head class {top[int(np.argmax(counts))]:.2f}, "
-                      f"tail class {top[int(np.argmin(counts))]:.2f}.")
+        fr.caption = (f"{title_ds(g)} ({stage1_note(c)}), fit `{r['fit_id']}`: sigmoid weight σ(w_y^i) per class "
+                      f"and eigendimension. Mean weight of the upper half "
+                      f"of eigendimensions: head class {names[int(np.argmax(counts))]} "
+                      f"{top[int(np.argmax(counts))]:.2f}, tail class {names[int(np.argmin(counts))]} "
+                      f"{top[int(np.argmin(counts))]:.2f}.")
         return fr
     fr.skipped = ("no local-projection fit with weights; produce with `"
                   + ctx.fit_or_extract("cifar10-lt", 200.0, spec) + "`")
@@ -234,24 +253,44 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
         lc = c.cache.learning_curve()
         if not lc or "epoch" not in lc or len(lc["epoch"]) == 0:
             continue
+        spe = c.config.get("steps_per_epoch")
+        epochs = np.asarray(lc["epoch"], dtype=float)
+        steps = epochs * int(spe) if spe else epochs  # the budget in iterations, as the recipes define it
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 4))
         cols = {}
         for m, style in (("many", "-"), ("medium", "--"), ("few", ":"), ("all", "-")):
-            x, y = finite_curve(lc["epoch"], lc.get(m, []))
+            x, y = finite_curve(steps, lc.get(m, []))
             if len(y):
                 ax.plot(x, y, style, label=METRIC_LABEL[m] if m != "medium" else "Medium",
                         lw=2.2 if m == "all" else 1.5)
                 cols[m] = y
-        ax.set_xlabel("stage-1 epoch")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Stage-1 learning curve, {title_ds(g)} ({c.epochs} epochs)")
+        if spe:
+            ax.set_xlabel("stage-1 iteration")
+            top = ax.secondary_xaxis("top", functions=(lambda it, k=int(spe): it / k, lambda e, k=int(spe): e * k))
+            top.set_xlabel("epoch")
+        else:
+            ax.set_xlabel("stage-1 epoch")
+        ax.set_title(f"Stage-1 learning curve, {title_ds(g)}")
         ax.legend()
-        fr.files = write_figure(figdir, "fig4_learning_curve", fig, pd.DataFrame({k: np.asarray(v) for k, v in lc.items()}),
-                                "fig4: stage-1 learning curve", [c])
-        last = {k: float(np.asarray(v)[-1]) for k, v in cols.items()}
-        fr.caption = (f"{title_ds(g)}, run `{c.run}`, {c.epochs} epochs; final " +
-                      ", ".join(f"{k} {v:.1f}" for k, v in last.items()) + ".")
+        data = {k: np.asarray(v) for k, v in lc.items()}
+        if spe:
+            data = {"iteration": steps.astype(np.int64), **data}
+        write_figure(fr, figdir, "fig4_learning_curve", fig, pd.DataFrame(data),
+                     "fig4: stage-1 learning curve (test accuracy evaluated during training)", [c])
+        precision = c.config.get("precision") or "not recorded"
+        fr.caption = (f"{title_ds(g)} ({stage1_note(c)}): test accuracy evaluated during training, every "
+                      f"{c.config.get('eval_every') or '?'} epochs, in the training precision ({precision}).")
+        soft = pick_row(c.rows, H("softmax"))
+        if soft is not None:  # one number for the softmax accuracy in the whole report: the tables' one
+            fr.caption += (" The accuracy of this stage-1 classifier that the tables use (Softmax, on the cache's "
+                           "fp32 features) is " + ", ".join(
+                               f"{METRIC_LABEL[m]} {fmt1(soft[f'_{m}'])}" for m in METRICS if fmt1(soft[f"_{m}"]))
+                           + "; the curve's last point can differ by a few tenths (another evaluation precision).")
+        else:
+            last = {k: fmt1(np.asarray(v)[-1]) for k, v in cols.items()}
+            fr.caption += " Last point: " + ", ".join(f"{METRIC_LABEL[k]} {v}" for k, v in last.items()) + "."
         return fr
     fr.skipped = ("no cache with a learning curve; produce with `" + ctx.extract_command("cifar100-lt", 200)
                   + "`")
@@ -293,9 +332,9 @@ def fig_tau(ctx: ReportContext, figdir) -> FigureResult:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Effect of τ, Learned NCM, {title_ds(g)}")
         ax.legend()
-        fr.files = write_figure(figdir, "fig5_tau", fig, df,
-                                "fig5: learned-ncm accuracy vs tau (mean over seeds)", g.caches)
-        fr.caption = f"{title_ds(g)}; τ values fitted: {', '.join(df['tau_label'])}."
+        write_figure(fr, figdir, "fig5_tau", fig, df, "fig5: learned-ncm accuracy vs tau (mean over seeds)", g.caches)
+        fr.caption = (f"{title_ds(g)} ({'; '.join(stage1_note(c) for c in g.caches)}): Learned NCM test accuracy "
+                      f"(mean over stage-1 seeds) for τ = {', '.join(df['tau_label'])}.")
         if missing:
             fr.caption += " Not run: " + " ; ".join(f"`{m}`" for m in missing) + "."
         return fr
@@ -324,12 +363,13 @@ def fig_centroids(ctx: ReportContext, figdir) -> list:
             ax.set_xscale("log")
             ax.set_xlabel("class size $N_y$ (train images, log scale)")
             ax.set_ylabel("‖learned − empirical centroid‖₂")
-            ax.set_title(f"Centroid displacement, {title_ds(g)} (Spearman ρ={rho:.2f})")
+            ax.set_title(f"Centroid displacement, {title_ds(g)}")
+            ax.text(0.02, 0.97, f"Spearman ρ = {rho:.2f}", transform=ax.transAxes, va="top")
             df = pd.DataFrame({"class": np.arange(len(counts)), "train_count": counts, "displacement": disp})
-            fa.files = write_figure(figdir, "fig6a_displacement", fig, df,
-                                    f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
-                                    [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
-            fa.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
+            write_figure(fa, figdir, "fig6a_displacement", fig, df,
+                         f"fig6a: ||learned - empirical centroid||_2 per class; {fit}", [c],
+                         [f"spearman rho(N_y, displacement) {rho:.4f} (p={p:.3g}, n={n})"])
+            fa.caption = (f"{title_ds(g)} ({stage1_note(c)}), fit `{r['fit_id']}`: Spearman ρ(N_y, displacement)"
                           f" = {rho:.2f}; mean displacement {float(np.mean(disp)):.3f}.")
         if not fb.files and "cdnv_per_epoch" in art and np.asarray(art["cdnv_per_epoch"]).size:
             cd = np.asarray(art["cdnv_per_epoch"], dtype=np.float64).ravel()
@@ -341,14 +381,13 @@ def fig_centroids(ctx: ReportContext, figdir) -> list:
             if fixed.size == cd.size:
                 data["cdnv_fixed_var"] = fixed
                 ax.plot(data["epoch"], fixed, "s--", ms=3, label="Var_y fixed at the empirical variance")
-                ax.legend(fontsize=8)
+                ax.legend()
             ax.set_xlabel("Learned NCM epoch (0 = empirical centroids)")
             ax.set_ylabel("average pairwise CDNV")
             ax.set_title(f"CDNV during Learned NCM training, {title_ds(g)}")
-            fb.files = write_figure(figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
-                                    "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); "
-                                    + fit, [c])
-            fb.caption = (f"{title_ds(g)}, run `{c.run}`, fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
+            write_figure(fb, figdir, "fig6b_cdnv", fig, pd.DataFrame(data),
+                         "fig6b: average pairwise CDNV per epoch (index 0 = empirical centroids); " + fit, [c])
+            fb.caption = (f"{title_ds(g)} ({stage1_note(c)}), fit `{r['fit_id']}`: CDNV {cd[0]:.4f} (empirical) → "
                           f"{cd[-1]:.4f} after {len(cd) - 1} epochs.")
         if fa.files and fb.files:
             return [fa, fb]
@@ -365,10 +404,7 @@ FIG_FILES = ("fig1_tsne", "fig2_variance_cifar10-lt", "fig7_variance_cifar100-lt
 
 def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list:
     figdir = out_dir / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
-    for stem in FIG_FILES:  # a figure whose data disappeared must not linger from an earlier report
-        for ext in (".png", ".csv"):
-            (figdir / f"{stem}{ext}").unlink(missing_ok=True)
+    figdir.mkdir(parents=True, exist_ok=True)  # a fresh folder (build_report swaps it in when complete)
     jobs = [("fig1", lambda: fig_tsne(ctx, figdir, tsne_per_class))]
     for fig, ds, label in VAR_FIGS:
         jobs.append((fig, lambda fig=fig, ds=ds, label=label: fig_variance(ctx, figdir, fig, ds, label)))
@@ -382,5 +418,13 @@ def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list
             ctx.warnings.append(f"{name}: could not be drawn ({type(e).__name__}: {e})")
             r = FigureResult(name, name, skipped=f"failed: {e}")
         results += r if isinstance(r, list) else [r]
+    for r in results:  # the sidecar: title, caption and provenance (the PNG and CSV carry none)
+        if r.files:
+            stem = Path(r.files[0]).stem
+            side = {"figure": r.name, "title": r.title, "caption": r.caption,
+                    "files": [Path(f).name for f in r.files], **r.meta}
+            with atomic_path(figdir / f"{stem}.json", suffix=".json") as tmp:
+                tmp.write_text(json.dumps(side, indent=1, ensure_ascii=False, default=str) + "\n")
+            r.files.append(f"figures/{stem}.json")
     order = {"fig1": 1, "fig2": 2, "fig3": 3, "fig4": 4, "fig5": 5, "fig6a": 6, "fig6b": 6.5, "fig7": 7, "fig8": 8}
     return sorted(results, key=lambda f: order.get(f.name, 99))

@@ -6,6 +6,7 @@ tolerance, the discovered caches grouped by stage-1 recipe, warnings), built onc
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -74,6 +75,16 @@ class CacheInfo:
         if cfg.get("train_limit") or cfg.get("test_limit"):
             out.append(f"TINY RUN (train_limit {cfg.get('train_limit')}, test_limit {cfg.get('test_limit')})")
         return out
+
+
+def budget(c) -> str:
+    """Stage 1's budget in iterations, as the recipes define it: '2,000 iterations (80 epochs of 25 steps)'."""
+    it, spe = c.config.get("iterations"), c.config.get("steps_per_epoch")
+    if it and spe:
+        return f"{int(it):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+    if spe and c.epochs:
+        return f"{int(c.epochs) * int(spe):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+    return f"{c.epochs} epochs"
 
 
 def data_label(prov: dict, dataset: str | None = None) -> str:
@@ -286,8 +297,9 @@ def fit_args(spec: Spec, hparams: dict | None = None, seed=None) -> list:
     hparams = dict(hparams or {})
     if hparams.get("p_select") == "val":
         hparams["p"] = "auto"  # rerunning picks p on val again
-    for k, v in hparams.items():
-        if k in HPARAM_FLAGS and k not in hp:
+    defaults = dict(HEADS[spec.head].defaults) if spec.head in HEADS else {}
+    for k, v in hparams.items():  # the selectors that differ from the head's defaults (the rest is implied)
+        if k in HPARAM_FLAGS and k not in hp and not (k in defaults and _same(v, defaults[k])):
             hp[k] = v
     for k, v in sorted(hp.items()):
         if k in HPARAM_FLAGS:
@@ -373,6 +385,36 @@ class ReportContext:
             return (self.extract_command(dataset, imb, bn=spec.variant == "bn_recal") + " && "
                     + fit_command(self.rel(expected_run(dataset, imb)), spec))
         return fit_command(g.caches[0].rel, spec)
+
+
+def inputs_digest(ctx: ReportContext) -> str:
+    """16 hex digits of sha256 over what the report is computed from: each cache's run name and fingerprint
+    and the fit rows it uses (fit id, variant, tau, hparams, accuracies) -- not when the fits ran or which
+    commit ran them, so rerunning deterministic fits leaves it (and every tracked output) unchanged."""
+    what = []
+    for c in sorted(ctx.infos, key=lambda c: c.run):
+        rows = [] if c.rows is None else sorted(
+            [str(r["fit_id"]), str(r["_variant"]), float(r["_tau"]), str(r["_hp"]),
+             *[str(r[f"acc_{m}"]) for m in METRICS]] for _, r in c.rows.iterrows())
+        what.append([c.run, c.fingerprint, rows])
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def volatile_provenance(ctx: ReportContext) -> dict:
+    """What the tracked outputs leave out because it changes on every rerun of the same fits: the toolkit
+    commit that built the report, and when and with which commit each fit used was run
+    (provenance.local.json, git-ignored)."""
+    from ..utils import git_commit
+    fits = {}
+    for c in sorted(ctx.infos, key=lambda c: c.run):
+        for _, r in (c.rows if c.rows is not None else pd.DataFrame()).iterrows():
+            fits[str(r["fit_id"])] = {"run": c.run, "timestamp": str(r["timestamp"]),
+                                      "git_commit": str(r["git_commit"]), "device": str(r["device"]),
+                                      "fit_seconds": str(r["fit_seconds"])}
+    return {"report_toolkit_commit": git_commit(), "inputs_digest": inputs_digest(ctx),
+            "results_rows": {c.run: {"used": 0 if c.rows is None else len(c.rows), "stale": c.stale_rows,
+                                     "total": c.all_rows} for c in sorted(ctx.infos, key=lambda c: c.run)},
+            "fits": dict(sorted(fits.items()))}
 
 
 def load_context(cache_root="cache", data_roots: dict | None = None, tolerance: float = 1.0) -> ReportContext:

@@ -3,31 +3,22 @@ beta, metric) cell, and a wide Markdown rendering."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from .fmt import diff1, fmt1, fmt_diff
+from .latex import booktabs, tex
 from .paper import METRIC_LABEL, LIT, Spec, TableSpec, dataset_label, fmt_beta, fmt_tau
 from .runs import ReportContext, as_float, expected_run, fit_command, parse_hparams, pick_row
 
 LONG_COLUMNS = ["table", "section", "dataset", "imbalance", "method", "head", "variant", "tau", "hparams",
                 "metric", "ours", "ours_std", "n_seeds", "paper", "diff", "status", "note", "data", "command",
-                "fit_ids", "runs", "cache_fingerprints", "stage1_epochs", "commits"]
+                "fit_ids", "runs", "cache_fingerprints", "stage1_epochs"]
+# (which commit ran each fit, and when, is in provenance.local.json: it changes on every rerun of the same fit)
 
 
-def _f(x, nd=2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
-    return f"{x:.{nd}f}"
-
-
-def _fd(x) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
-
-
-@dataclass
 @dataclass
 class CellResult:
     rows: list = field(default_factory=list)  # (CacheInfo, row)
@@ -74,8 +65,8 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
             section = dataset_label(dataset, imb)
             rec = dict(table=t.name, section=section, dataset=dataset, imbalance=fmt_beta(imb) if imb else "",
                        method=row.method, head="", variant="", tau="", hparams="", metric=metric, ours="",
-                       ours_std="", n_seeds="", paper=_f(paper, 1), diff="", status="", note="", data="",
-                       command="", fit_ids="", runs="", cache_fingerprints="", stage1_epochs="", commits="")
+                       ours_std="", n_seeds="", paper=fmt1(paper), diff="", status="", note="", data="",
+                       command="", fit_ids="", runs="", cache_fingerprints="", stage1_epochs="")
             if row.spec is None:
                 rec["status"] = ("literature (not run here)" if row.kind == LIT else
                                  "paper only (not mapped to a method here)")
@@ -102,12 +93,11 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
             n = len(res.rows)
             mean = float(finite.mean()) if finite.size else float("nan")
             std = float(finite.std(ddof=1)) if finite.size >= 2 else float("nan")
-            rec.update(ours=_f(mean), ours_std=_f(std), n_seeds=str(n),
+            rec.update(ours=fmt1(mean), ours_std=fmt1(std), n_seeds=str(n),
                        fit_ids=";".join(str(r["fit_id"]) for _, r in res.rows),
                        runs=";".join(c.run for c, _ in res.rows),
                        cache_fingerprints=";".join(c.fingerprint for c, _ in res.rows),
                        stage1_epochs=";".join(sorted({str(c.epochs) for c, _ in res.rows})),
-                       commits=";".join(sorted({str(r["git_commit"]) for _, r in res.rows if r["git_commit"]})),
                        data=";".join(sorted({c.data_label() for c, _ in res.rows})),
                        command=" ; ".join(fit_command(c.rel, spec, parse_hparams(r["hparams"]), r["seed"])
                                           for c, r in res.rows))
@@ -121,9 +111,9 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
             elif paper is None:
                 rec["status"] = "ours only (no paper value)"
             else:
-                d = mean - paper
-                rec["diff"] = _fd(d)
-                rec["status"] = "reproduced" if abs(round(d, 6)) <= ctx.tolerance else "missed"
+                d = diff1(mean, paper)  # between the one-decimal values the tables show
+                rec["diff"] = fmt_diff(d)
+                rec["status"] = "reproduced" if abs(float(d)) <= ctx.tolerance + 1e-9 else "missed"
             devs = sorted({d for c, _ in res.rows for d in c.recipe_deviations()})
             if devs:
                 notes.append("NOT THE PAPER'S STAGE-1 RECIPE: " + ", ".join(devs))
@@ -132,36 +122,80 @@ def build_table(ctx: ReportContext, t: TableSpec) -> pd.DataFrame:
     return pd.DataFrame(out, columns=LONG_COLUMNS)
 
 
-def _cell_md(r) -> str:
-    paper = r["paper"] or "–"
+# ----------------------------------------------------------------------------------------------------
+# Wide renderings (Markdown, LaTeX): the paper's layout, one value per cell.  Each method is a block of
+# rows: the paper's value, ours, and (Markdown) ours − paper; with several stage-1 seeds also their std and
+# count.  A cell of ours within the tolerance of the paper is bold.
+
+NOT_RUN, NO_GROUP, NO_PAPER = "not run", "n/a", "–"
+
+
+def _ours_text(r) -> str:
     st = r["status"]
-    if st.startswith("literature"):
-        return f"lit. / {paper}"
-    if st.startswith("paper only"):
-        return f"? / {paper}"
     if st == "not run":
-        return f"not run / {paper}"
-    ours = r["ours"] or "n/a"
-    if r["ours_std"]:
-        ours += f" ± {r['ours_std']}"
-    ours += f" (n={r['n_seeds']})" if r["n_seeds"] not in ("", "1") else ""
-    if r["diff"]:
-        flag = "" if st == "reproduced" else " ✗"
-        return f"**{ours}** / {paper} ({r['diff']}){flag}"
-    return f"**{ours}** / {paper}"
+        return NOT_RUN
+    return r["ours"] or NO_GROUP
+
+
+def wide_blocks(df: pd.DataFrame, with_diff: bool = True):
+    """(columns [(section, metric)], blocks [(method, [(row label, [(text, bold)])])])."""
+    cols = list(dict.fromkeys(zip(df["section"], df["metric"])))
+    idx = {(r["method"], r["section"], r["metric"]): r for _, r in df.iterrows()}
+    blocks = []
+    for meth in dict.fromkeys(df["method"]):
+        cells = [idx.get((meth, s, m)) for s, m in cols]
+        present = [c for c in cells if c is not None]
+        rows = [("paper", [((c["paper"] or NO_PAPER) if c is not None else "", False) for c in cells])]
+        ours_run = [c for c in present if not (c["status"].startswith("literature") or c["status"].startswith("paper only"))]
+        if ours_run:
+            rows.append(("ours", [(_ours_text(c), c["status"] == "reproduced") if c is not None else ("", False)
+                                  for c in cells]))
+            if any(c["n_seeds"] not in ("", "1") for c in ours_run):
+                rows.append(("± std", [(c["ours_std"] if c is not None else "", False) for c in cells]))
+                rows.append(("seeds", [(c["n_seeds"] if c is not None else "", False) for c in cells]))
+            if with_diff:
+                rows.append(("ours − paper", [(c["diff"] if c is not None else "", False) for c in cells]))
+        elif present and present[0]["status"].startswith("literature"):
+            rows[0] = ("paper (literature, not run here)", rows[0][1])
+        elif present:
+            rows[0] = ("paper (no method of ours)", rows[0][1])
+        blocks.append((meth, rows))
+    return cols, blocks
 
 
 def wide_markdown(df: pd.DataFrame) -> str:
-    cols = list(dict.fromkeys(zip(df["section"], df["metric"])))
-    methods = list(dict.fromkeys(df["method"]))
-    head = "| Method | " + " | ".join(f"{s} {METRIC_LABEL[m]}" for s, m in cols) + " |"
-    sep = "|---|" + "---|" * len(cols)
-    lines = [head, sep]
-    idx = {(r["method"], r["section"], r["metric"]): r for _, r in df.iterrows()}
-    for meth in methods:
-        cells = [_cell_md(idx[(meth, s, m)]) if (meth, s, m) in idx else "" for s, m in cols]
-        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    cols, blocks = wide_blocks(df)
+    head = "| Method | | " + " | ".join(f"{s} {METRIC_LABEL[m]}" for s, m in cols) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(cols)]
+    for meth, rows in blocks:
+        for i, (label, cells) in enumerate(rows):
+            vals = [f"**{t}**" if bold and t else t for t, bold in cells]
+            lines.append(f"| {meth if i == 0 else ''} | {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def table_latex(t: TableSpec, df: pd.DataFrame, tolerance) -> str:
+    cols, blocks = wide_blocks(df, with_diff=False)
+    groups = []
+    for s, _ in cols:
+        if groups and groups[-1][0] == s:
+            groups[-1][1] += 1
+        else:
+            groups.append([s, 1])
+    body = []
+    for meth, rows in blocks:
+        block = []
+        for i, (label, cells) in enumerate(rows):
+            vals = []
+            for text, bold in cells:
+                v = "--" if text in (NO_PAPER, "") else ("n/r" if text == NOT_RUN else tex(text))
+                vals.append(f"\\textbf{{{v}}}" if bold else v)
+            block.append([tex(meth) if i == 0 else "", tex(label)] + vals)
+        body.append(block)
+    notes = (f"ours: this toolkit (mean over stage-1 seeds); bold: within {tolerance:g} point of the paper; "
+             "n/r: not run; n/a: no class of that group in the split; --: no value in the paper.")
+    return booktabs(t.title, f"tab:{t.name}", ["Method", ""], [(g, n) for g, n in groups],
+                    [METRIC_LABEL[m] for _, m in cols], body, notes)
 
 
 def missing_commands(df: pd.DataFrame) -> list:
@@ -181,9 +215,11 @@ def missing_commands(df: pd.DataFrame) -> list:
 
 def table_markdown(t: TableSpec, df: pd.DataFrame, tolerance) -> str:
     lines = [f"# {t.title}", "",
-             f"Cell: **ours** (mean ± std over stage-1 seeds, n when > 1) / paper (ours − paper); ✗ = more than "
-             f"{tolerance:g} point from the paper; lit. = literature value, not run here; ? = paper row whose "
-             "label was lost in the text extraction.", "", wide_markdown(df), ""]
+             "Accuracy (%) to one decimal, one value per cell. Per method: the paper's value, ours (mean over "
+             f"stage-1 seeds), and ours − paper; **bold** = within {tolerance:g} point of the paper; not run = "
+             "no cache or fit yet (commands below); n/a = no class of that group in the split; – = no value "
+             f"in the paper. Also as [CSV]({t.name}.csv) (one row per cell, full provenance) and "
+             f"[LaTeX]({t.name}.tex) (booktabs).", "", wide_markdown(df), ""]
     data = sorted({d for v in df["data"] for d in v.split(";") if d})
     if data:
         lines += [f"Data behind our numbers: {', '.join(data)}.", ""]
@@ -206,7 +242,7 @@ def table_markdown(t: TableSpec, df: pd.DataFrame, tolerance) -> str:
     if cmds:
         lines += ["Commands that would produce the missing cells (stage 1 first, then the fits):", "", "```"]
         lines += cmds + ["```", ""]
-    lines += ["Full provenance of every cell (fit ids, fingerprints, commits, commands): "
+    lines += ["Full provenance of every cell (fit ids, fingerprints, commands): "
               f"[{t.name}.csv]({t.name}.csv).", ""]
     return "\n".join(lines)
 
