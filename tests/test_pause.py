@@ -127,3 +127,24 @@ def test_second_sigint_aborts_at_once():
     assert pause.reason(None) == "SIGTERM"
     with pytest.raises(KeyboardInterrupt):
         pause._handler(signal.SIGINT, None)
+
+
+def test_progress_lines_when_no_terminal(tmp_path, monkeypatch):
+    """Under nohup/sbatch (stderr not a terminal) a line reports the epoch's progress every PROGRESS_SECONDS."""
+    import pipeline.stage1.train as tr
+    monkeypatch.setattr(tr, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(tr.sys.stderr, "isatty", lambda: False, raising=False)
+    ds = tiny_dataset()
+    lines = []
+    train(ds, _cfg(ds, epochs=1), tmp_path, "cpu", log=lines.append)
+    prog = [s for s in lines if "iteration" in s and "left in this epoch" in s]
+    assert prog and prog[0].startswith("  epoch 1/1: iteration 1/")
+
+
+def test_budget_warning_when_warmup_takes_the_budget():
+    from pipeline.stage1.plan import budget_warning
+    ds = tiny_dataset()
+    assert budget_warning(resolve_config(ds, epochs=20, batch_size=8, warmup_epochs=20, precision="fp32")) is not None
+    assert budget_warning(resolve_config(ds, epochs=21, batch_size=8, warmup_epochs=20, precision="fp32")) is None
+    # the paper recipe's warm-up is 800 iterations: a 20-epoch run of it never reaches the peak
+    assert "never reaches its peak" in budget_warning(resolve_config(ds, epochs=20, precision="fp32"))

@@ -18,7 +18,7 @@ from .data import LTDataset
 from .distributed import SINGLE, Dist
 from .evaluate import BN_RECAL_METHOD, extract_features
 from .pause import PauseControl, RunPaused
-from .plan import Plan, plan_run
+from .plan import Plan, budget_warning, plan_run
 from .shards import Shard, resolve_data_on
 from .train import train
 
@@ -43,6 +43,8 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
         return plan.cache_path
     on = _placement(dataset, dev, data_on, dist, log)
     log(_describe(dataset, plan, dev, on, dist))
+    if budget_warning(plan.cfg):
+        log(budget_warning(plan.cfg))
     t0 = time.time()
     pause = PauseControl(time_limit, started, log)
     with pause:

@@ -86,6 +86,16 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
     return cfg
 
 
+def budget_warning(cfg: dict) -> str | None:
+    """A warning when the warm-up takes the whole budget: the run would never reach its peak learning rate
+    (e.g. a 20-epoch CIFAR run on the paper recipe, whose warm-up is 800 iterations = 32 epochs)."""
+    w, e = int(cfg.get("warmup_epochs") or 0), int(cfg["epochs"])
+    if w >= e and w > 0:
+        return (f"warning: the warm-up ({w} epochs) is at least the budget ({e} epochs): the learning rate never "
+                f"reaches its peak {cfg['lr']:g}; lower --warmup-epochs or raise the budget")
+    return None
+
+
 def resolve_compile(compile_mode: str, device) -> bool:
     """--compile auto: torch.compile the train step on CUDA only.  On CPU the compiled ResNet-32 step showed
     no reliable gain over eager bf16 channels_last for a minute of compilation (docs/performance.md), so

@@ -11,6 +11,7 @@ own; the final epoch is the model.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class Trainer:
     precision: str
     dist: Dist
     bn_split: bool = False        # BatchNorm statistics per rank slice (data-parallel without SyncBN)
+    log: object = None            # progress lines within an epoch when no terminal shows the tqdm bar
     train_secs: list = field(default_factory=list)  # this process's measured epoch parts: the estimate of
     eval_secs: list = field(default_factory=list)   # the next epoch, for the time limit
 
@@ -100,6 +102,9 @@ def setup(dataset: LTDataset, cfg: dict, model, opt, gen, device, dist: Dist, da
                    bn_split=dist.active and not sync_bn)
 
 
+PROGRESS_SECONDS = 30
+
+
 def train_one_epoch(t: Trainer, epoch: int) -> dict:
     """Train 0-based ``epoch``: a seeded permutation of the training set, each global batch augmented as one
     process augments it and trained on its rank slices.  Returns lr (of the last step), train_loss,
@@ -113,8 +118,15 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     order = t.x_train.order(perm)  # the permutation as the Shard reads it (on the device, or one host copy)
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     lr = float("nan")
+    # no terminal (nohup, sbatch, | tee): tqdm is off, so a line every PROGRESS_SECONDS says the run is alive
+    talk = t.log is not None and dist.is_main and not sys.stderr.isatty()
+    t0 = last = time.time()
     for b in tqdm(range(iters), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                   disable=None if dist.is_main else True, mininterval=1):
+        if talk and b and time.time() - last >= PROGRESS_SECONDS:
+            last, done = time.time(), time.time() - t0
+            t.log(f"  epoch {epoch + 1}/{cfg['epochs']}: iteration {b}/{iters}, {done:.0f} s, "
+                  f"~{done / b * (iters - b):.0f} s left in this epoch")
         idx = perm[b * bs:(b + 1) * bs]
         if idx.numel() < 2 or (t.bn_split and idx.numel() // dist.world < 2):
             continue  # BatchNorm needs two samples (per rank without SyncBN); the epoch's last few images
@@ -200,6 +212,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     ident = run_identity(cfg)
     if start_epoch < cfg["epochs"]:
         t = setup(dataset, cfg, model, opt, gen, device, dist, data_on, sync_bn, precision)
+        t.log = log
 
         def save(epoch):  # rank 0 alone writes
             if dist.is_main:
