@@ -29,6 +29,8 @@ Usage: run_all.sh [options]
   --data-root DATASET=DIR data root for --extract-missing and for the commands printed in the report
                           (repeatable; cifar10-lt defaults to ../shared/data/cifar10-jpeg)
   --no-figures            pass --no-figures to `pipeline report`
+  --force                 pass --force to `pipeline report`: replace a report in --out that has more filled
+                          cells or figures than the new one (e.g. with --no-figures or fewer caches)
   --per-fit-processes     one `pipeline fit-head` process per fit, as before `report --fit` existed (slower;
                           benchmarks/run_all_speed.py compares the two)
   -h, --help              this help
@@ -43,6 +45,7 @@ EXTRACT=0
 TIME_LIMIT=""
 PER_FIT=0
 FIG_FLAG=()
+FORCE_FLAG=()
 DATA_ROOTS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -54,6 +57,7 @@ while [[ $# -gt 0 ]]; do
     --time-limit) TIME_LIMIT="${2:?--time-limit needs a value}"; shift 2 ;;
     --data-root) DATA_ROOTS+=(--data-root "${2:?--data-root needs DATASET=DIR}"); shift 2 ;;
     --no-figures) FIG_FLAG=(--no-figures); shift ;;
+    --force) FORCE_FLAG=(--force); shift ;;
     --per-fit-processes) PER_FIT=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -174,7 +178,8 @@ if [[ ${#CACHES[@]} -eq 0 ]]; then
 fi
 QUICK_FLAG=()
 if [[ $QUICK -eq 1 ]]; then QUICK_FLAG=(--quick); fi
-REPORT_ARGS=(--cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@]}"} ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"})
+REPORT_ARGS=(--cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@]}"} ${FORCE_FLAG[@]+"${FORCE_FLAG[@]}"}
+             ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"})
 
 if [[ $PER_FIT -eq 0 ]]; then
   # one process: the fits of `--list-fits` (stage 2's fit_head + record_fit, as `pipeline fit-head` runs

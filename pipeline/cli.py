@@ -376,7 +376,7 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
 @click.option("--quick", is_flag=True,
               help="With --list-fits or --fit: only the smoke-test subset (ncm, learned-ncm).")
 @click.option("--force", is_flag=True,
-              help="Replace a report in --out that fills more table cells than this one would.")
+              help="Replace a report in --out that fills more table cells or has more figures than this one.")
 @click.option("--fit", "fit_first", is_flag=True,
               help="First run every fit of --list-fits in this process (one Python start; rows appended to "
                    "each cache's results.csv, as `pipeline fit-head` does), then write the report.")
@@ -384,7 +384,7 @@ def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, lis
     """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results.
 
     Never loses output: refuses when --cache-root holds no cache, writes a complete new --out folder
-    before swapping it in, and needs --force to replace a report that fills more cells."""
+    before swapping it in, and needs --force to replace a report with more filled cells or figures."""
     from . import report as rp  # pandas, matplotlib: only when a report is made
     roots = rp.parse_data_roots(data_roots)
     if list_missing:

@@ -91,7 +91,7 @@ def test_a_failing_build_leaves_the_old_report(small, tmp_path, monkeypatch):
         raise RuntimeError("simulated crash while writing the README")
     monkeypatch.setattr(rp, "build_readme", boom)
     with pytest.raises(RuntimeError):
-        rp.build_report(str(root), out, figures=False)
+        rp.build_report(str(root), out, figures=False, force=True)
     assert snapshot(out) == before  # not one table was replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "reports"]  # no temporary folder left
 
@@ -108,7 +108,30 @@ def test_out_folder_with_other_files_is_refused(small, tmp_path):
 def test_report_swaps_in_a_complete_folder(small, tmp_path):
     out = _copy_report(small, tmp_path)
     (out / "figures" / "fig9_gone.png").write_bytes(b"stale")  # a figure an older version drew
-    rp.build_report(str(small["root"]), out, tsne_per_class=30)
+    with pytest.raises(rp.UserError, match="would draw 5 figures, the one in .* has 6"):
+        rp.build_report(str(small["root"]), out, tsne_per_class=30)
+    rp.build_report(str(small["root"]), out, tsne_per_class=30, force=True)
     after = snapshot(out)
     assert "figures/fig9_gone.png" not in after
     assert {k: v for k, v in after.items()} == snapshot(small["out"])
+
+
+def test_no_figures_does_not_drop_the_figures_without_force(small, tmp_path):
+    """--no-figures used to leave figures/ alone; the new report replaces the whole folder, so dropping the
+    figures it has needs --force."""
+    out = _copy_report(small, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(rp.UserError, match="--force"):
+        rp.build_report(str(small["root"]), out, figures=False)
+    assert snapshot(out) == before
+    rp.build_report(str(small["root"]), out, figures=False, force=True)
+    assert not (out / "figures").exists()
+
+
+def test_a_symlinked_out_folder_stays_a_link(small, tmp_path):
+    real = _copy_report(small, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    rp.build_report(str(small["root"]), link, tsne_per_class=30)
+    assert link.is_symlink() and snapshot(real) == snapshot(small["out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "reports"]

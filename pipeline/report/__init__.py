@@ -138,13 +138,15 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
     """Write every table (CSV + Markdown), the figures and README.md under ``out_dir``.
 
     Never loses output: refuses (UserError) when ``cache_root`` holds no readable cache, or when the new
-    report would fill fewer table cells than the one in ``out_dir`` unless ``force``; builds everything in
-    a temporary folder next to ``out_dir`` and swaps it in only when complete.
+    report would fill fewer table cells or draw fewer figures than the one in ``out_dir`` unless ``force``;
+    builds everything in a temporary folder next to ``out_dir`` and swaps it in only when complete.
 
     ``data_roots`` maps dataset -> data root for the `pipeline extract` commands of cells not run;
     ``tsne_per_class`` caps the samples per class in the Figure 1 t-SNE.
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # swap the folder it points to, not the link
+        out_dir = out_dir.resolve()
     if not Path(cache_root).exists():
         raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass --cache-root")
     ctx = load_context(cache_root, data_roots, tolerance)
@@ -184,6 +186,11 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
         figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
         for f in figs:
             files += f.files
+        drawn, had = sum(1 for f in figs if f.files), len(list(out_dir.glob("figures/*.png")))
+        if drawn < had and not force:
+            raise UserError(f"this report would draw {drawn} figures, the one in {out_dir} has {had}"
+                            + (" (--no-figures)" if not figures else "") + f"; {out_dir} is left as it is. "
+                            "Pass --force to replace it")
         _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
         # what changes on every rerun of the same fits (when, which commit) stays out of the tracked files
         _write_text(tmp / "provenance.local.json",
