@@ -126,3 +126,71 @@ def test_metric_heads_predict_centred(monkeypatch):
     for name, mu in seen.items():
         assert mu.mean(0).abs().max() < 1e-5, name
     assert len(seen) == 2
+
+
+# ---- item 2: stage-2 batch draws independent of the device -----------------------------------------------
+
+# sha256[:16] of every parameter array (sorted by name) of a 2-epoch CPU fit, seed 7, on test_heads' HARD
+# synthetic cache, one intra-op thread (reductions split over threads round differently), computed at 87e718d
+# (device-side sampler): host-side draws and centred predictions leave CPU fits as they were.
+FIT_DIGESTS = {"crt": "b97b314ca97a6ba9", "learned-ncm": "0de476d9145bafdf", "local-projection": "f498f528b1dafd2b",
+               "lws": "c34bcc27dbb03cfe", "metric-ncm": "876821a2aea3ed6b", "multi-ncm": "74c53c05374f7e93",
+               "tau-norm": "cbfa4b37a030611f"}
+
+
+@pytest.fixture(scope="module")
+def hard_cache(tmp_path_factory):
+    from pipeline.cache import read_cache
+    from pipeline.synthetic import make_synthetic_cache
+    from tests.test_heads import HARD
+    return read_cache(make_synthetic_cache(tmp_path_factory.mktemp("c") / "features.h5", **HARD))
+
+
+@pytest.mark.parametrize("head", sorted(FIT_DIGESTS))
+def test_cpu_fit_numbers_unchanged(hard_cache, head):
+    import hashlib
+    from pipeline.stage2.fit import fit_head
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = fit_head(hard_cache, head, seed=7, device="cpu", epochs=2)
+    finally:
+        torch.set_num_threads(threads)
+    h = hashlib.sha256()
+    for k in sorted(r.params):
+        h.update(np.ascontiguousarray(np.asarray(r.params[k])).tobytes())
+    assert h.hexdigest()[:16] == FIT_DIGESTS[head]
+
+
+def test_sampling_generator_is_cpu_on_every_device():
+    from pipeline.stage2.heads.registry import generators
+    for device in ("cpu", "cuda", "cuda:1"):  # no CUDA needed: nothing is created on the device
+        init, sample = generators(3, device, stream=2)
+        assert init is sample and sample.device.type == "cpu"
+
+
+def test_balanced_sampler_draws_on_the_host(monkeypatch):
+    """The sampler's tables live on the host and the epoch's indices are made there and moved to the fit's
+    device in one copy (here a meta "device" stands in for CUDA: the draws are the same ones)."""
+    from pipeline.stage2.heads.sgd import BalancedSampler
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    a = BalancedSampler(y, 3, torch.Generator().manual_seed(0))
+    ref = a.draw(50)
+    b = BalancedSampler(y, 3, torch.Generator().manual_seed(0))
+    b.device = torch.device("meta")
+    moved = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *x, **k: moved.append(t.clone()) or real_to(t, *x, **k))
+    out = b.draw(50)
+    assert out.device.type == "meta" and out.shape == (50,)
+    assert len(moved) == 1 and torch.equal(moved[0], ref)
+    assert a.order.device.type == a.counts.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_trains_on_the_cpu_batches():
+    from pipeline.stage2.heads.sgd import BalancedSampler
+    y = torch.randint(5, (200,), generator=torch.Generator().manual_seed(1))
+    a = BalancedSampler(y, 5, torch.Generator().manual_seed(4)).draw(300)
+    b = BalancedSampler(y.cuda(), 5, torch.Generator().manual_seed(4)).draw(300)
+    assert torch.equal(a, b.cpu())
