@@ -194,3 +194,81 @@ def test_cuda_fit_trains_on_the_cpu_batches():
     a = BalancedSampler(y, 5, torch.Generator().manual_seed(4)).draw(300)
     b = BalancedSampler(y.cuda(), 5, torch.Generator().manual_seed(4)).draw(300)
     assert torch.equal(a, b.cpu())
+
+
+# ---- item 6: NCCL timeout, pinned staging buffers only, the staging event's stream ------------------------
+
+def test_process_group_gets_the_timeout(monkeypatch):
+    import datetime
+    from pipeline.stage1 import distributed
+    seen = []
+    monkeypatch.setattr(distributed.tdist, "init_process_group", lambda *a, **k: seen.append((a, k)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LNCM_DIST_TIMEOUT", raising=False)
+    d = distributed.init_distributed("cpu")
+    assert d.backend == "gloo" and seen[-1][1]["timeout"] == datetime.timedelta(hours=2)
+    monkeypatch.setenv("LNCM_DIST_TIMEOUT", "3h30m")
+    distributed.init_distributed("cpu")
+    assert seen[-1][1]["timeout"] == datetime.timedelta(hours=3, minutes=30)
+    monkeypatch.setenv("LNCM_DIST_TIMEOUT", "soon")
+    with pytest.raises(distributed.UserError, match="LNCM_DIST_TIMEOUT"):
+        distributed.init_distributed("cpu")
+
+
+def test_gloo_accepts_the_timeout():
+    import torch.distributed as tdist
+    from pipeline.stage1.distributed import dist_timeout
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1, timeout=dist_timeout())
+    try:
+        t = torch.ones(3)
+        tdist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        tdist.destroy_process_group()
+
+
+def _images(n=10):
+    return np.arange(n * 4 * 4 * 3, dtype=np.uint8).reshape(n, 4, 4, 3)
+
+
+def test_host_shard_pins_only_its_staging_buffers(monkeypatch):
+    """--data-on host for a CUDA device: the block stays pageable (pin_memory would need CUDA here and is
+    never called); the staging buffers are the pinned allocations (counted through the pinned_empty seam)."""
+    from pipeline.stage1 import shards
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda *a, **k: pytest.fail("pinned a data block"))
+    s = shards.Shard(_images(), "cuda:1", on="host")
+    assert not s.nhwc.is_pinned() if torch.cuda.is_available() else s.nhwc.device.type == "cpu"
+    allocated, events = [], []
+    monkeypatch.setattr(shards, "pinned_empty", lambda shape: allocated.append(shape) or torch.empty(shape, dtype=torch.uint8))
+    monkeypatch.setattr(shards, "copy_done_event", lambda device: events.append(device) or None)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: t)  # stands in for the host-to-device copy
+    out = s._gather_rows(np.array([3, 1, 4]))
+    assert np.array_equal(out.numpy(), _images()[[3, 1, 4]])
+    s._gather_rows(np.array([0, 9]))
+    assert allocated == [(3, 4, 4, 3), (2, 4, 4, 3)]           # the two staging buffers, nothing else
+    assert events == [torch.device("cuda:1")] * 2               # each copy's event on the Shard's device
+
+
+def test_copy_event_is_recorded_on_the_shards_device_stream(monkeypatch):
+    from pipeline.stage1 import shards
+    recorded = []
+
+    class FakeEvent:
+        def record(self, stream=None):
+            recorded.append(stream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    shards.copy_done_event(torch.device("cuda:3"))
+    assert recorded == [("stream of", torch.device("cuda:3"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_shard_on_cuda_pins_staging_not_block():
+    from pipeline.stage1.shards import Shard
+    s = Shard(_images(), "cuda", on="host")
+    out = s.take(np.array([2, 5]))
+    torch.cuda.synchronize()
+    assert not s.nhwc.is_pinned() and s._staging[s._turn].is_pinned()
+    assert np.array_equal(out.permute(0, 2, 3, 1).cpu().numpy(), _images()[[2, 5]])
