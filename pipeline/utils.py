@@ -129,7 +129,32 @@ def fp32_matmul():
     torch >= 2.9: every backend's ``fp32_precision`` is set to "ieee" and restored (only the new API is
     touched: reading the legacy flags after mixing the two APIs raises); older torch:
     ``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32`` and
-    ``set_float32_matmul_precision("highest")``."""
+    ``set_float32_matmul_precision("highest")``.  Also keeps cuBLAS from reducing bf16 GEMMs' partial sums
+    in bf16 (``allow_bf16_reduced_precision_reduction``; the explicit bf16 GEMMs of ``matmul bf16``)."""
+    import torch
+    with _no_reduced_bf16_reduction():
+        with _fp32_settings():
+            yield
+
+
+@contextlib.contextmanager
+def _no_reduced_bf16_reduction():
+    """cuBLAS may reduce bf16 GEMMs' partial sums in bf16 unless this flag is off (torch's default is on)."""
+    import torch
+    m = torch.backends.cuda.matmul
+    saved = getattr(m, "allow_bf16_reduced_precision_reduction", None)
+    if saved is None:
+        yield
+        return
+    try:
+        m.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction = saved
+
+
+@contextlib.contextmanager
+def _fp32_settings():
     import torch
     objs = _fp32_precision_settings()
     if objs:

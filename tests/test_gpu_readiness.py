@@ -34,10 +34,13 @@ def test_fp32_matmul_pins_and_restores(outer):
         try:
             torch.set_float32_matmul_precision(outer)
             saved = _state()
+            bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
             with fp32_matmul():
                 inside = _state()
                 assert set(inside) == {"ieee"} or inside == (False, False, "highest")
+                assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is False
             assert _state() == saved
+            assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction == bf16
             with pytest.raises(KeyError):
                 with fp32_matmul():
                     raise KeyError
@@ -272,3 +275,29 @@ def test_host_shard_on_cuda_pins_staging_not_block():
     torch.cuda.synchronize()
     assert not s.nhwc.is_pinned() and s._staging[s._turn].is_pinned()
     assert np.array_equal(out.permute(0, 2, 3, 1).cpu().numpy(), _images()[[2, 5]])
+
+
+def test_feature_extraction_runs_in_fp32_matmul(monkeypatch):
+    """extract_features (plain and BN-recalibrated) runs inside fp32_matmul: a spy on the precision state."""
+    from pipeline.stage1 import evaluate
+    from pipeline.utils import _fp32_precision_settings
+    states = []
+
+    def spy(m, images, aug, *a, **k):
+        objs = _fp32_precision_settings()
+        states.append(tuple(o.fp32_precision for o in objs) if objs else torch.get_float32_matmul_precision())
+        return np.zeros((images.shape[0], 2), np.float32), None
+    monkeypatch.setattr(evaluate, "predict_features", spy)
+    monkeypatch.setattr(evaluate, "recalibrate_bn", lambda m, *a, **k: m)
+
+    class Held:
+        local = torch.zeros(3, 1)
+
+        def gather(self, rows):
+            return rows
+
+    class DS:
+        def splits(self):
+            return {"train": type("S", (), {"labels": np.zeros(3)})()}
+    evaluate.extract_features(object(), DS(), {"train": Held()}, None, bn_recalibrate=True)
+    assert len(states) == 2 and all(s == "highest" or set(s) == {"ieee"} for s in states)
