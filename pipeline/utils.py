@@ -197,3 +197,77 @@ def dir_lock(directory):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _fp32_precision_settings():
+    """The objects of torch's per-backend ``fp32_precision`` API (torch >= 2.9) that exist in this build."""
+    import torch
+    b = torch.backends
+    objs = [b, getattr(b.cuda, "matmul", None), b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+            b.mkldnn, getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None), getattr(b.mkldnn, "rnn", None)]
+    return [o for o in objs if o is not None and hasattr(o, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def fp32_matmul():
+    """Pin true fp32 matmuls and convolutions inside the block, then restore the previous settings.
+
+    ``torch.set_float32_matmul_precision("high")`` (or NGC containers' TORCH_ALLOW_TF32_CUBLAS_OVERRIDE) makes
+    CUDA fp32 GEMMs TF32 (10-bit mantissa), and cuDNN's TF32 flag (on by default) makes fp32 convolutions
+    TF32: the ||x||^2 - 2 x.mu + ||mu||^2 distances then carry ~2^-11 ||x|| ||mu|| of error and "fp32"
+    feature extraction is not fp32 (on torch >= 2.9, "medium" also makes oneDNN's CPU fp32 matmuls bf16).
+    Stage-2 fits and feature extraction run inside this block.
+
+    torch >= 2.9: every backend's ``fp32_precision`` is set to "ieee" and restored (only the new API is
+    touched: reading the legacy flags after mixing the two APIs raises); older torch:
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32`` and
+    ``set_float32_matmul_precision("highest")``.  Also keeps cuBLAS from reducing bf16 GEMMs' partial sums
+    in bf16 (``allow_bf16_reduced_precision_reduction``; the explicit bf16 GEMMs of ``matmul bf16``)."""
+    import torch
+    with _no_reduced_bf16_reduction():
+        with _fp32_settings():
+            yield
+
+
+@contextlib.contextmanager
+def _no_reduced_bf16_reduction():
+    """cuBLAS may reduce bf16 GEMMs' partial sums in bf16 unless this flag is off (torch's default is on)."""
+    import torch
+    m = torch.backends.cuda.matmul
+    saved = getattr(m, "allow_bf16_reduced_precision_reduction", None)
+    if saved is None:
+        yield
+        return
+    try:
+        m.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction = saved
+
+
+@contextlib.contextmanager
+def _fp32_settings():
+    import torch
+    objs = _fp32_precision_settings()
+    if objs:
+        saved = [o.fp32_precision for o in objs]
+        try:
+            for o in objs:
+                o.fp32_precision = "ieee"
+            yield
+        finally:
+            for o, v in zip(objs, saved):
+                o.fp32_precision = v
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        # the precision string first: setting it also sets matmul.allow_tf32, which is then restored exactly
+        torch.set_float32_matmul_precision(saved[2])
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch.backends.cudnn.allow_tf32 = saved[1]

@@ -192,3 +192,48 @@ def test_imagenet_kind_crops_random_boxes():
     assert len({tuple(o.flatten()[:50].tolist()) for o in out}) > 60
     plain = torch.nn.functional.interpolate(x[:1].float(), size=24, mode="bilinear", align_corners=False)
     assert min((o - plain[0]).abs().mean().item() for o in out) > 0.5
+
+
+# ---- host-side draws (issue 16, item 4) --------------------------------------------------------------
+
+# sha256[:16] of three augmented batches (whole, rows 10:30 of 64, whole) and the generator's final state, with
+# the per-group implementation of 87e718d (torch.unique/nonzero per group on the device): the host grouping
+# must leave every CPU draw and pixel as it was (the in-flight runs resume on it).
+AUG_DIGESTS = {"cifar": "a48fcc31e7acc307", "cifar-autoaug": "75e205cb6a92f8bd", "imagenet": "a0a03889ea956a7f"}
+
+
+def _aug_digest(kind):
+    import hashlib
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(123)
+    aug = BatchAugment((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), CPU, kind, 24 if kind == "imagenet" else None, g)
+    h = hashlib.sha256()
+    for t in (aug(x), aug(x[10:30], rows=(10, 30, 64)), aug(x), g.get_state()):
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kind", sorted(AUG_DIGESTS))
+def test_cpu_draws_and_pixels_unchanged_by_host_grouping(kind):
+    assert _aug_digest(kind) == AUG_DIGESTS[kind]
+
+
+def test_autoaugment_groups_on_the_host(monkeypatch):
+    """No torch.unique / nonzero (a device sync each on CUDA) while augmenting: the decisions are grouped in
+    numpy and the row indices copied once."""
+    def forbidden(*a, **k):
+        raise AssertionError("device-side grouping")
+    monkeypatch.setattr(torch, "unique", forbidden)
+    monkeypatch.setattr(torch.Tensor, "unique", forbidden)
+    monkeypatch.setattr(torch.Tensor, "nonzero", forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    g = torch.Generator().manual_seed(5)
+    out = BatchAugment((0.5,) * 3, (0.25,) * 3, CPU, "cifar-autoaug", None, g)(_images(32))
+    assert out.shape == (32, 3, 32, 32)
+
+
+def test_draws_follow_the_generator_device():
+    from pipeline.stage1.augment import draw_device, to_device
+    assert draw_device(None) == CPU and draw_device(torch.Generator()) == CPU
+    t = torch.arange(3)
+    assert to_device(t, "cpu") is t

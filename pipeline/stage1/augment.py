@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -54,23 +55,47 @@ def draw_autoaugment(b: int, device, generator=None):
     return sub, applied, negated
 
 
+def autoaugment_groups(sub, applied, negated) -> list[tuple[str, float, np.ndarray]]:
+    """The (op, signed magnitude, row indices) applications of the drawn sub-policies, grouped on the host.
+
+    Order: sub-policies ascending, then the sub-policy's two ops, then sign + before -, the order in which
+    they were always applied (each image's two ops in policy order; groups are disjoint, so the order
+    between groups changes no pixel).  The draws are brought to the host once (no copy if already there)."""
+    sub, applied, negated = (np.asarray(t.cpu()) if torch.is_tensor(t) else np.asarray(t)
+                             for t in (sub, applied, negated))
+    groups = []
+    for k in np.unique(sub).tolist():
+        members = np.flatnonzero(sub == k)
+        for j, (op, _, bin_idx) in enumerate(CIFAR10_POLICY[k]):
+            groups.append((k, j, op, bin_idx, members, applied[members, j], negated[members, j]))
+    return groups
+
+
 def autoaugment(x: torch.Tensor, sub, applied, negated) -> torch.Tensor:
-    """Apply the drawn CIFAR-10 AutoAugment sub-policies to a uint8 batch [B,3,H,W] (a new tensor)."""
+    """Apply the drawn CIFAR-10 AutoAugment sub-policies to a uint8 batch [B,3,H,W] (a new tensor).
+
+    The decisions are grouped on the host (numpy) and every group's row indices reach the device in one
+    copy, so on CUDA there is no host sync per group (the draws themselves should be host tensors: see
+    :class:`BatchAugment`)."""
     h, w = x.shape[-2:]
     out = x.clone()
-    for k in torch.unique(sub).tolist():  # one host sync per batch for the groups present
-        members = (sub == k).nonzero().squeeze(1)
-        xs = out[members]
-        for j, (op, _, bin_idx) in enumerate(CIFAR10_POLICY[k]):
-            mag, signed = op_magnitude(op, bin_idx, h, w)
-            for sign in ((1.0, -1.0) if signed else (1.0,)):
-                sel = applied[members, j]
-                if signed:
-                    sel = sel & (negated[members, j] == (sign < 0))
-                idx = sel.nonzero().squeeze(1)
-                if idx.numel():
-                    xs[idx] = apply_op(xs[idx], op, sign * mag)
-        out[members] = xs
+    todo, index = [], []
+    for k, j, op, bin_idx, members, app, neg in autoaugment_groups(sub, applied, negated):
+        mag, signed = op_magnitude(op, bin_idx, h, w)
+        for sign in ((1.0, -1.0) if signed else (1.0,)):
+            sel = app & (neg == (sign < 0)) if signed else app
+            rows = members[sel]
+            if rows.size:
+                todo.append((op, sign * mag, sum(a.size for a in index), rows.size))
+                index.append(rows)
+    if not todo:
+        return out
+    flat = torch.from_numpy(np.concatenate(index).astype(np.int64))
+    if x.device.type == "cuda":
+        flat = flat.pin_memory().to(x.device, non_blocking=True)
+    for op, mag, start, n in todo:
+        rows = flat[start:start + n]
+        out[rows] = apply_op(out[rows], op, mag)
     return out
 
 
@@ -156,8 +181,29 @@ def resized_crop(x: torch.Tensor, top, left, h, w, flip, out_size: int) -> torch
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def draw_device(generator) -> torch.device:
+    """Where the random decisions are drawn: on the generator's device (a CPU generator, the default, draws
+    on the host: no device sync), on the host without one."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """One host-to-device copy (pinned, asynchronous on CUDA); the tensor itself where it already is."""
+    device = torch.device(device)
+    if t.device == device or (device.type == t.device.type == "cuda" and device.index is None):
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class BatchAugment:
-    """uint8 NCHW batches -> normalised float batches, augmented on the device with a seeded generator."""
+    """uint8 NCHW batches -> normalised float batches, augmented on the device with a seeded generator.
+
+    The random decisions are drawn with ``generator`` on its own device: a CPU generator (what a CPU run
+    has always used) makes every draw on the host, groups the AutoAugment decisions in numpy and copies
+    the integer decisions to the training device once per batch, so a CUDA step never waits on the GPU
+    for them; a CPU run's draws and pixels are those of the per-group implementation it replaced."""
 
     def __init__(self, mean, std, device, kind="cifar", out_size=None, generator=None):
         if kind not in KINDS:
@@ -176,20 +222,25 @@ class BatchAugment:
         augments its slice exactly as one process augments the whole batch."""
         n, _, h, w = x.shape
         b, keep = (n, slice(None)) if rows is None else (rows[2], slice(rows[0], rows[1]))
-        dev, g = self.device, self.g
-        # every draw first (the image ops below consume no random numbers), then the ops on the kept rows
-        flip = torch.rand(b, device=dev, generator=g) < 0.5
+        g = self.g
+        hd = draw_device(g)
+        # every draw first, on the generator's device (the image ops below consume no random numbers), then
+        # the ops on the kept rows; the integer decisions reach the training device in one copy
+        flip = torch.rand(b, device=hd, generator=g) < 0.5
         if self.kind in ("cifar", "cifar-autoaug"):
-            i = torch.randint(0, 9, (b,), device=dev, generator=g)
-            j = torch.randint(0, 9, (b,), device=dev, generator=g)
+            i = torch.randint(0, 9, (b,), device=hd, generator=g)
+            j = torch.randint(0, 9, (b,), device=hd, generator=g)
+            ints = [i, j, flip.long()]
             if self.kind == "cifar-autoaug":
-                aa = draw_autoaugment(b, dev, g)
-                cy, cx = draw_cutout(b, h, w, dev, g)
-            x = pad_crop_flip(x, i[keep], j[keep], flip[keep])
+                aa = draw_autoaugment(b, hd, g)
+                ints += draw_cutout(b, h, w, hd, g)
+            i, j, flip, *cyx = to_device(torch.stack([t[keep] for t in ints]), self.device)
+            x = pad_crop_flip(x, i, j, flip.bool())
             if self.kind == "cifar-autoaug":
                 # BALMS order: crop, flip, AutoAugment (PIL, uint8), ToTensor, Cutout, Normalize
-                x = autoaugment(x, *(t[keep] for t in aa))
-                x = cutout(x, cy[keep], cx[keep])
+                x = autoaugment(x, *(t[keep] for t in aa))  # grouped on the host
+                x = cutout(x, *cyx)
             return self.normalize(x)
-        top, left, ch, cw = (t[keep] for t in rrc_params(b, h, w, dev, g))
-        return resized_crop(self.normalize(x), top, left, ch, cw, flip[keep], self.out_size or w)
+        top, left, ch, cw, flip = to_device(torch.stack([t[keep] for t in (*rrc_params(b, h, w, hd, g),
+                                                                            flip.long())]), self.device)
+        return resized_crop(self.normalize(x), top, left, ch, cw, flip.bool(), self.out_size or w)

@@ -22,6 +22,7 @@ between a single-process run and a SyncBN run.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,20 @@ from ..config import SYNC_BN_MODES
 from ..utils import UserError, resolve_device
 
 SMALL_RANK_BATCH = 32  # --sync-bn auto turns SyncBN on when the per-rank batch falls below this
+DIST_TIMEOUT = "2h"     # collective timeout: rank 0 alone decodes images / hashes data / writes the cache
+DIST_TIMEOUT_ENV = "LNCM_DIST_TIMEOUT"  # overrides DIST_TIMEOUT ('2h30m', '90m', seconds)
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective may wait: NCCL's default (10 minutes) is shorter than rank 0's solo work on a
+    large dataset (decoding ImageNet-LT or iNaturalist, writing the cache), during which the other ranks wait
+    in a barrier or broadcast.  $LNCM_DIST_TIMEOUT overrides the 2 h default."""
+    from .pause import parse_duration
+    text = os.environ.get(DIST_TIMEOUT_ENV) or DIST_TIMEOUT
+    try:
+        return datetime.timedelta(seconds=parse_duration(text))
+    except UserError:
+        raise UserError(f"${DIST_TIMEOUT_ENV} must look like 2h30m, 90m or a number of seconds, got {text!r}")
 
 
 @dataclass
@@ -195,11 +210,11 @@ def init_distributed(device: str = "auto") -> Dist:
                             f"{torch.cuda.device_count()} processes per node")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-        tdist.init_process_group("nccl", device_id=dev)
+        tdist.init_process_group("nccl", device_id=dev, timeout=dist_timeout())
         backend = "nccl"
     else:
         dev = torch.device("cpu")
-        tdist.init_process_group("gloo")
+        tdist.init_process_group("gloo", timeout=dist_timeout())
         backend = "gloo"
     return Dist(rank=rank, world=world, local_rank=local, backend=backend, device=dev)
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config import EXTRACT_BATCH
 from ..metrics import evaluate
+from ..utils import fp32_matmul
 from .augment import BatchAugment
 from .distributed import convert_sync_bn, revert_sync_bn
 from .precision import autocast
@@ -73,12 +74,14 @@ def recalibrate_bn(model, images: Shard, aug: BatchAugment, batch=EXTRACT_BATCH,
 def extract_features(model, dataset, held: dict, aug: BatchAugment, bn_recalibrate: bool) -> dict:
     """features[variant][split] = (features, labels) of every split held (``held[split]``: a Shard), in fp32
     whatever the training precision; variant ``bn_recal`` from a copy of the model after
-    :func:`recalibrate_bn`.  Gathered to rank 0 (None on the other ranks)."""
+    :func:`recalibrate_bn`.  Gathered to rank 0 (None on the other ranks).  Inside :func:`fp32_matmul`: fp32
+    means fp32 (no TF32 convolutions or GEMMs on CUDA, whatever the process-wide settings); no change on CPU."""
     def features_of(m):
         return {s: (x.gather(predict_features(m, x.local, aug)[0]), dataset.splits()[s].labels)
                 for s, x in held.items()}
 
-    features = {"plain": features_of(model)}
-    if bn_recalibrate:
-        features["bn_recal"] = features_of(recalibrate_bn(copy.deepcopy(model), held["train"], aug))
+    with fp32_matmul():
+        features = {"plain": features_of(model)}
+        if bn_recalibrate:
+            features["bn_recal"] = features_of(recalibrate_bn(copy.deepcopy(model), held["train"], aug))
     return features

@@ -1,9 +1,10 @@
 """Where the uint8 images of a split live during stage 1, and how a global batch reaches each rank.
 
 Each rank keeps only its contiguous block of every split (``Dist.bounds``): on the training device
-(``--data-on device``, the default when it fits) or in pinned host memory (``--data-on host``), from
-where the rows a batch needs are gathered on the CPU and copied with ``non_blocking=True`` (two staging
-buffers, so gathering batch b+1 overlaps the copy and compute of batch b).
+(``--data-on device``, the default when it fits) or in host memory (``--data-on host``), from where the
+rows a batch needs are gathered on the CPU into one of two pinned staging buffers and copied with
+``non_blocking=True`` (so gathering batch b+1 overlaps the copy and compute of batch b); the block itself
+stays pageable.
 
 Sampling: every rank draws the same seeded permutation per epoch (the single-process one) and each global
 batch is cut into contiguous per-rank slices of the batch positions (``Dist.bounds(len(batch))``), as
@@ -52,8 +53,22 @@ def resolve_data_on(mode: str, device, nbytes: int, log=print) -> str:
     return mode
 
 
+def pinned_empty(shape) -> torch.Tensor:
+    """A page-locked uint8 staging buffer (the only pinned memory a host Shard holds)."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+
+
+def copy_done_event(device: torch.device):
+    """A CUDA event recorded on ``device``'s current stream, the stream the host-to-device copy just issued to
+    ``device`` runs on (not the current device's stream: they differ with --device cuda:N, N != 0, when
+    the current device is another), so waiting on it waits for that copy."""
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
 class Shard:
-    """This rank's block of one split's uint8 NHWC images, as NCHW channels_last (device or pinned host)."""
+    """This rank's block of one split's uint8 NHWC images, as NCHW channels_last (device or host)."""
 
     def __init__(self, images: np.ndarray, device, on: str = "device", dist: Dist = SINGLE):
         self.dist, self.device, self.on = dist, torch.device(device), on
@@ -64,7 +79,9 @@ class Shard:
         if on == "device":
             self.nhwc = block.to(self.device)
         elif on == "host":
-            self.nhwc = block.pin_memory() if self.device.type == "cuda" else block.clone()
+            # pageable: only the two staging buffers are pinned (pinning the block would round its size up
+            # to a power of two of page-locked memory: 66 GB of iNaturalist would lock 128 GB)
+            self.nhwc = block.clone()
         else:
             raise ValueError(f"on must be device or host, got {on!r}")
         self._staging, self._events, self._turn = [None, None], [None, None], 0
@@ -92,12 +109,10 @@ class Shard:
         if ev is not None:
             ev.synchronize()  # the copy that last read this buffer has finished
         if buf is None or buf.shape[0] < len(rows):
-            buf = self._staging[k] = torch.empty((max(len(rows), 1),) + tuple(self.nhwc.shape[1:]),
-                                                 dtype=torch.uint8, pin_memory=True)
+            buf = self._staging[k] = pinned_empty((max(len(rows), 1),) + tuple(self.nhwc.shape[1:]))
         torch.index_select(self.nhwc, 0, idx, out=buf[:len(rows)])
         out = buf[:len(rows)].to(self.device, non_blocking=True)
-        ev = self._events[k] = torch.cuda.Event()
-        ev.record()
+        self._events[k] = copy_done_event(self.device)
         return out
 
     def order(self, perm: torch.Tensor):

@@ -69,6 +69,7 @@ class Trainer:
     dist: Dist
     bn_split: bool = False        # BatchNorm statistics per rank slice (data-parallel without SyncBN)
     log: object = None            # progress lines within an epoch when no terminal shows the tqdm bar
+    eager_model: torch.nn.Module | None = None  # step_model without torch.compile: for the partial last batch
     train_secs: list = field(default_factory=list)  # this process's measured epoch parts: the estimate of
     eval_secs: list = field(default_factory=list)   # the next epoch, for the time limit
 
@@ -97,9 +98,11 @@ def setup(dataset: LTDataset, cfg: dict, model, opt, gen, device, dist: Dist, da
     x_test = Shard(dataset.test.images, device, data_on, dist)
     y_train = torch.from_numpy(dataset.train.labels).to(device)
     ddp_model = wrap_ddp(model, dist, sync_bn)  # the model itself for one process
-    step_model = torch.compile(ddp_model) if resolve_compile(cfg.get("compile", "off"), device) else ddp_model
+    compiled = resolve_compile(cfg.get("compile", "off"), device) and not (dist.active and sync_bn)  # SyncBN
+    # graph-breaks at every layer under torch.compile; static shapes: the partial last batch runs eager
+    step_model = torch.compile(ddp_model, dynamic=False) if compiled else ddp_model
     return Trainer(cfg, model, step_model, opt, gen, aug, x_train, y_train, x_test, dataset, precision, dist,
-                   bn_split=dist.active and not sync_bn)
+                   bn_split=dist.active and not sync_bn, eager_model=ddp_model)
 
 
 PROGRESS_SECONDS = 30
@@ -114,7 +117,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     n, bs = len(t.y_train), cfg["batch_size"]
     iters = math.ceil(n / bs)
     t.model.train()
-    perm = torch.randperm(n, device=device, generator=t.gen)
+    perm = torch.randperm(n, generator=t.gen).to(device)
     order = t.x_train.order(perm)  # the permutation as the Shard reads it (on the device, or one host copy)
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     lr = float("nan")
@@ -137,7 +140,8 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
         y = t.y_train[idx[lo:hi]]
         x = t.aug(t.x_train.take(order[b * bs:(b + 1) * bs]), rows=(lo, hi, idx.numel()))
         denom = idx.numel() / dist.world if dist.active else None
-        loss, logits = train_step(t.step_model, t.opt, x.contiguous(memory_format=torch.channels_last), y,
+        step_model = t.step_model if idx.numel() == bs or t.eager_model is None else t.eager_model
+        loss, logits = train_step(step_model, t.opt, x.contiguous(memory_format=torch.channels_last), y,
                                   t.precision, denom)
         loss_sum += loss.detach() * (y.numel() if denom is None else denom)
         correct += (logits.argmax(1) == y).sum()
@@ -168,7 +172,9 @@ def _build(cfg: dict, num_classes: int, device):
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                           weight_decay=cfg["weight_decay"])
-    gen = torch.Generator(device=device)
+    # a CPU generator on every device: the same permutations and augmentation draws on CPU and CUDA (no host
+    # sync to read them), and a checkpoint's generator state resumes on any device
+    gen = torch.Generator()
     gen.manual_seed(cfg["seed"])
     return model, opt, gen
 
@@ -179,8 +185,13 @@ def _resume(ckpt, model, opt, gen, cfg: dict, run_dir: Path, log):
         return 0, [], cfg["precision"]
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    gen.set_state(ckpt["generator"].cpu())  # generator states are CPU byte tensors
     start_epoch, rows = ckpt["epoch"], ckpt["curve"]
+    try:
+        gen.set_state(ckpt["generator"].cpu())  # generator states are CPU byte tensors
+    except RuntimeError:  # a state from another generator type (a device generator of older code)
+        gen.manual_seed(int(cfg["seed"]) * 1_000_003 + int(start_epoch))
+        log(f"checkpoint generator state is not a CPU generator's: reseeded from (seed, epoch {start_epoch}); "
+            "the remaining draws differ from an uninterrupted run's")
     precision = continue_precision(ckpt.get("identity") or {}, ckpt.get("precision_segments"), cfg, start_epoch)
     log(f"resuming {run_dir.name} from epoch {start_epoch}/{cfg['epochs']} ({precision})"
         if start_epoch < cfg["epochs"] else

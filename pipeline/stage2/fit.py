@@ -30,7 +30,7 @@ from ..cache import FeatureCache, read_cache
 from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
-from ..utils import UserError, atomic_path, git_commit, now_iso, resolve_device
+from ..utils import UserError, atomic_path, fp32_matmul, git_commit, now_iso, resolve_device
 
 
 @dataclass
@@ -135,7 +135,8 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    out = spec.fn(data, hp, tau)
+    with fp32_matmul():  # fp32 GEMMs stay fp32 (no TF32, no bf16 reductions) whatever the environment sets
+        out = spec.fn(data, hp, tau)
     pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
     seconds = time.perf_counter() - start  # .cpu() above synchronises a CUDA fit
     res = evaluate(pred, ey, cache.groups)
@@ -155,6 +156,8 @@ def fit_id(cache_fingerprint: str, result: FitResult) -> str:
     fit run twice gets the same id."""
     what = dict(cache=cache_fingerprint, head=result.head, variant=result.variant, tau=float(result.tau),
                 seed=int(result.seed), hparams=result.hparams)
+    if torch.device(result.device).type != "cpu":  # a GPU fit is another fit (CPU ids stay as they were)
+        what["device"] = torch.device(result.device).type
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{result.head}-{digest}"
 

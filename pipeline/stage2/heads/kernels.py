@@ -118,10 +118,22 @@ def ncm_loss_fast(x, y, mu, offsets=None, x2=None, grad_floor=None):
 # Predictions and the Multi-NCM nearest-displacement search
 
 
+def prediction_centre(mu: torch.Tensor) -> torch.Tensor:
+    """The common centre the predictors subtract from features and means before the distance expansion: the
+    mean of the class means.  ||x||^2 - 2 x.mu + ||mu||^2 carries a rounding error of about eps ||x|| ||mu||
+    (eps = 2^-24 in fp32, 2^-11 under TF32): post-ReLU features share a large mean, so uncentred the error
+    scales with that mean and can flip argmins; centred it scales with the spread around the classes.
+    Distances (and so predictions) are translation-invariant: only the rounding changes."""
+    return mu.mean(0)
+
+
 @torch.no_grad()
 def ncm_predict(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """argmin_y ||x - mu_y|| (Eq. 2), in chunks of EVAL_CHUNK rows."""
-    return torch.cat([sq_dists(c, mu).argmin(1) for c in x.split(EVAL_CHUNK)])
+    """argmin_y ||x - mu_y|| (Eq. 2), in chunks of EVAL_CHUNK rows, features and means centred on
+    :func:`prediction_centre` before the expansion."""
+    c0 = prediction_centre(mu)
+    mu_c = mu - c0
+    return torch.cat([sq_dists(c - c0, mu_c).argmin(1) for c in x.split(EVAL_CHUNK)])
 
 
 def multi_min_sq(A, xD, muD, DD):
@@ -241,12 +253,16 @@ def multi_ncm_predict(x: torch.Tensor, mu: torch.Tensor, delta: torch.Tensor) ->
 
     A is computed on the same EVAL_CHUNK row blocks as :func:`ncm_predict` (identical rounding); the
     nearest displacement comes from :func:`max_plus` (no [rows, C, K+1] tensor; exact A when all
-    displacements are zero, since the min is then exactly 0).
+    displacements are zero, since the min is then exactly 0).  Features and means centred on
+    :func:`prediction_centre` first.
     """
     D = _with_null(delta)
+    c0 = prediction_centre(mu)
+    mu = mu - c0  # centred (see prediction_centre): the displacements are translation-invariant
     muD, DD = mu @ D.t(), (D * D).sum(1)
     out = []
     for c in x.split(EVAL_CHUNK):
+        c = c - c0
         out.append(multi_min_sq_fast(sq_dists(c, mu), c @ D.t(), muD, DD)[0].argmin(1))
     return torch.cat(out)
 

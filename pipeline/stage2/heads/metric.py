@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import EVAL_CHUNK, euclid, sq_dists
+from .kernels import EVAL_CHUNK, euclid, prediction_centre, sq_dists
 from .registry import SGD_DEFAULTS, HeadData, HeadOutput, generators, logit_offsets, register_head, to_numpy
 from .sgd import train_sgd
 
@@ -72,7 +72,8 @@ def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     with torch.no_grad():
         s = torch.sigmoid(w)
         chunk = max(1, 2 ** 24 // (C * d))
-        pred = torch.cat([local_projection_dist(c, mu, Q, s).argmin(1) for c in data.eval_x.split(chunk)])
+        c0 = prediction_centre(mu)  # centred: Q.x - Q.mu cancels less (see prediction_centre)
+        pred = torch.cat([local_projection_dist(c - c0, mu - c0, Q, s).argmin(1) for c in data.eval_x.split(chunk)])
     return HeadOutput(pred, dict(local_weights=to_numpy(s), eigenvalues=to_numpy(evals), centroids=to_numpy(mu),
                                  empirical_centroids=to_numpy(mu), loss_per_epoch=losses))
 
@@ -112,6 +113,7 @@ def metric_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     losses = train_sgd([mu, W], batch_loss, data, hp, gen, clip=hp["clip"])
     with torch.no_grad():  # argmin of the squared distance = argmin of its square root
         chunk = EVAL_CHUNK if not local else max(1, 2 ** 24 // (C * d))
-        pred = torch.cat([metric_sq(c, mu, W).argmin(1) for c in data.eval_x.split(chunk)])
+        c0 = prediction_centre(mu)  # centred before the expansion (translation-invariant, smaller rounding)
+        pred = torch.cat([metric_sq(c - c0, mu - c0, W).argmin(1) for c in data.eval_x.split(chunk)])
     return HeadOutput(pred, dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(emp), metric_weight=to_numpy(W),
                                  loss_per_epoch=losses))

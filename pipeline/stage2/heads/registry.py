@@ -6,8 +6,9 @@ hyperparameters it uses with their defaults, whether it takes ``tau``).  ``pipel
 times, evaluates and records; nothing here reads or writes files.
 
 Determinism: all randomness goes through torch.Generator objects seeded from ``seed`` (:func:`generators`;
-initial values are drawn on the CPU and then moved, so CPU and CUDA start identically); CPU fits are
-bit-for-bit repeatable, CUDA fits are repeatable up to the non-determinism of index_add/scatter kernels.
+initial values and the class-balanced batch indices are drawn on the CPU and then moved, so CPU and CUDA
+fits start identically and train on the same batches); CPU fits are bit-for-bit repeatable, CUDA fits are
+repeatable up to the non-determinism of index_add/scatter kernels and the GEMMs' reduction order.
 """
 from __future__ import annotations
 
@@ -150,11 +151,13 @@ class HeadOutput:
 
 
 def generators(seed: int, device, stream: int = 0):
-    """(CPU generator for initial values, device generator for sampling) of one random stream."""
+    """(generator for initial values, generator for sampling) of one random stream: the same CPU generator,
+    whatever ``device`` (kept in the signature for the callers), so initial values and class-balanced
+    batches are drawn on the host in the same order on every device and a CUDA fit trains on the CPU fit's
+    batches."""
     s = int(seed) * 1000 + stream  # distinct, reproducible streams per seed
     cpu = torch.Generator().manual_seed(s)
-    dev = cpu if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(s)
-    return cpu, dev
+    return cpu, cpu
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
