@@ -48,6 +48,21 @@ class FitResult:
     hparams: dict              # hyperparameters actually used (recorded as JSON), incl. eval_split
     ignored: list = field(default_factory=list)  # hyperparameters given but not used by this head
     train_counts: np.ndarray | None = None
+    predictor: object = field(default=None, repr=False, compare=False)  # the head's own predict (not saved)
+    pred: np.ndarray | None = field(default=None, repr=False, compare=False)  # eval-split predictions
+
+    def predict(self, x) -> np.ndarray:
+        """Predicted classes of features ``x`` [M, d] (numpy or tensor) with the fitted head, as it predicted
+        the eval split (same device, fp32 GEMMs).  Only in the process that fitted it: the artifact
+        ``fits/<fit_id>.npz`` keeps the parameters, not the code."""
+        if self.predictor is None:
+            raise UserError(f"this {self.head} result has no predictor (it was not fitted in this process)")
+        x = torch.as_tensor(np.ascontiguousarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+        if x.ndim != 2:
+            raise UserError(f"predict expects features of shape [M, d], got {tuple(x.shape)}")
+        with torch.no_grad(), fp32_matmul():
+            out = self.predictor(x.to(self.device))
+        return (out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)).astype(np.int64)
 
 
 def _finite(name, a):
@@ -144,7 +159,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
                      hparams={**hp, **out.chosen, "eval_split": eval_split}, ignored=ignored,
-                     train_counts=counts)
+                     train_counts=counts, predictor=out.predict, pred=pred.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------

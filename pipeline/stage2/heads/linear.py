@@ -35,7 +35,8 @@ def _stage1_logits(data: HeadData, x):
 @register_head("softmax")
 def softmax_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Stage-1 softmax classifier from the cache, argmax(W x + b) (baseline)."""
-    return HeadOutput(_stage1_logits(data, data.eval_x).argmax(1), {})
+    predict = lambda x: _stage1_logits(data, x).argmax(1)  # noqa: E731
+    return HeadOutput(predict(data.eval_x), {}, predict=predict)
 
 
 def tau_norm_weight(W: torch.Tensor, p: float) -> torch.Tensor:
@@ -57,16 +58,16 @@ def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
         chosen = dict(p=p, p_select="val")
         extra = dict(p_grid=np.asarray(TAU_NORM_P_GRID), p_val_acc=np.asarray(accs))
     Wn = tau_norm_weight(W, p)
-    pred = (data.eval_x @ Wn.t()).argmax(1)
-    return HeadOutput(pred, dict(weight=to_numpy(Wn), **extra), chosen)
+    predict = lambda x: (x @ Wn.t()).argmax(1)  # noqa: E731
+    return HeadOutput(predict(data.eval_x), dict(weight=to_numpy(Wn), **extra), chosen, predict)
 
 
 @register_head("posthoc-la", uses_tau=True, default_tau=1.0)
 def posthoc_la_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Post-hoc logit adjustment argmax(W x + b - tau log pi_y) (Menon et al. 2021)."""
     adjust = -tau * torch.log(data.train_counts / data.train_counts.sum())
-    pred = (_stage1_logits(data, data.eval_x) + adjust).argmax(1)
-    return HeadOutput(pred, dict(adjustment=to_numpy(adjust)))
+    predict = lambda x: (_stage1_logits(data, x) + adjust).argmax(1)  # noqa: E731
+    return HeadOutput(predict(data.eval_x), dict(adjustment=to_numpy(adjust)), predict=predict)
 
 
 def _balanced_linear(data, hp, tau, W, b, scales, train_params):
@@ -79,9 +80,10 @@ def _balanced_linear(data, hp, tau, W, b, scales, train_params):
         return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
     losses = train_sgd(train_params, batch_loss, data, hp, gen, weight_decay=hp["weight_decay"], cosine=True)
+    W, b, scales = W.detach(), b.detach(), scales.detach()
+    predict = lambda x: (scales * torch.addmm(b, x, W.t())).argmax(1)  # noqa: E731
     with torch.no_grad():
-        pred = (scales * torch.addmm(b, data.eval_x, W.t())).argmax(1)
-    return pred, losses
+        return predict(data.eval_x), losses, predict
 
 
 @register_head("crt", defaults=DECOUPLING_DEFAULTS, uses_tau=True)
@@ -94,8 +96,8 @@ def crt_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     W.requires_grad_(True)
     b.requires_grad_(True)
     one = torch.ones(data.num_classes, device=data.device)
-    pred, losses = _balanced_linear(data, hp, tau, W, b, one, [W, b])
-    return HeadOutput(pred, dict(weight=to_numpy(W), bias=to_numpy(b), loss_per_epoch=losses))
+    pred, losses, predict = _balanced_linear(data, hp, tau, W, b, one, [W, b])
+    return HeadOutput(pred, dict(weight=to_numpy(W), bias=to_numpy(b), loss_per_epoch=losses), predict=predict)
 
 
 @register_head("lws", defaults=LWS_DEFAULTS, uses_tau=True)
@@ -103,6 +105,7 @@ def lws_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Decoupling's LWS: learned per-class scales f_y on the frozen stage-1 classifier."""
     scales = torch.ones(data.num_classes, device=data.device, requires_grad=True)
     W, b = data.classifier_weight, data.classifier_bias
-    pred, losses = _balanced_linear(data, hp, tau, W, b, scales, [scales])
-    return HeadOutput(pred, dict(weight=to_numpy(W), bias=to_numpy(b), scales=to_numpy(scales), loss_per_epoch=losses))
+    pred, losses, predict = _balanced_linear(data, hp, tau, W, b, scales, [scales])
+    return HeadOutput(pred, dict(weight=to_numpy(W), bias=to_numpy(b), scales=to_numpy(scales), loss_per_epoch=losses),
+                      predict=predict)
 

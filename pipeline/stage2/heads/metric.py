@@ -69,13 +69,15 @@ def local_projection_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
         return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
     losses = train_sgd([w], batch_loss, data, hp, gen, clip=hp["clip"])
+    s = torch.sigmoid(w.detach())
+    chunk = max(1, 2 ** 24 // (C * d))
+    c0 = prediction_centre(mu)  # centred: Q.x - Q.mu cancels less (see prediction_centre)
+    predict = lambda x: torch.cat([local_projection_dist(c - c0, mu - c0, Q, s).argmin(1)  # noqa: E731
+                                   for c in x.split(chunk)])
     with torch.no_grad():
-        s = torch.sigmoid(w)
-        chunk = max(1, 2 ** 24 // (C * d))
-        c0 = prediction_centre(mu)  # centred: Q.x - Q.mu cancels less (see prediction_centre)
-        pred = torch.cat([local_projection_dist(c - c0, mu - c0, Q, s).argmin(1) for c in data.eval_x.split(chunk)])
+        pred = predict(data.eval_x)
     return HeadOutput(pred, dict(local_weights=to_numpy(s), eigenvalues=to_numpy(evals), centroids=to_numpy(mu),
-                                 empirical_centroids=to_numpy(mu), loss_per_epoch=losses))
+                                 empirical_centroids=to_numpy(mu), loss_per_epoch=losses), predict=predict)
 
 
 def metric_sq(x: torch.Tensor, mu: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -111,9 +113,12 @@ def metric_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
         return F.cross_entropy(logits if offsets is None else logits + offsets, y)
 
     losses = train_sgd([mu, W], batch_loss, data, hp, gen, clip=hp["clip"])
-    with torch.no_grad():  # argmin of the squared distance = argmin of its square root
-        chunk = EVAL_CHUNK if not local else max(1, 2 ** 24 // (C * d))
-        c0 = prediction_centre(mu)  # centred before the expansion (translation-invariant, smaller rounding)
-        pred = torch.cat([metric_sq(c - c0, mu - c0, W).argmin(1) for c in data.eval_x.split(chunk)])
+    mu, W = mu.detach(), W.detach()
+    chunk = EVAL_CHUNK if not local else max(1, 2 ** 24 // (C * d))
+    c0 = prediction_centre(mu)  # centred before the expansion (translation-invariant, smaller rounding)
+    # argmin of the squared distance = argmin of its square root
+    predict = lambda x: torch.cat([metric_sq(c - c0, mu - c0, W).argmin(1) for c in x.split(chunk)])  # noqa: E731
+    with torch.no_grad():
+        pred = predict(data.eval_x)
     return HeadOutput(pred, dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(emp), metric_weight=to_numpy(W),
-                                 loss_per_epoch=losses))
+                                 loss_per_epoch=losses), predict=predict)

@@ -52,7 +52,8 @@ def ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Nearest empirical class mean, Euclidean (Eq. 1-2); cl2n: centre on the train mean + L2-normalise."""
     if not hp["cl2n"]:
         mu, _ = data.class_stats()
-        return HeadOutput(ncm_predict(data.eval_x, mu), dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(mu)))
+        return HeadOutput(ncm_predict(data.eval_x, mu), dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(mu)),
+                          predict=lambda x: ncm_predict(x, mu))
     center = data.train_x.mean(0, keepdim=True)
 
     def cl2n(x):
@@ -64,7 +65,8 @@ def ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     mu = torch.zeros(C, data.dim, device=data.device).index_add_(0, data.train_y, tx)
     mu = mu / data.train_counts[:, None]
     return HeadOutput(ncm_predict(cl2n(data.eval_x), mu),
-                      dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(mu), cl2n_center=to_numpy(center[0])))
+                      dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(mu), cl2n_center=to_numpy(center[0])),
+                      predict=lambda x: ncm_predict(cl2n(x), mu))
 
 
 class CentredFeatures:
@@ -141,7 +143,7 @@ def learned_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Learned-NCM: centroids learned by SGD on CE(-1/2 ||x - mu_y||) (+ tau log N_y), argmin d."""
     matmul = resolve_matmul(hp["matmul"], data.device)
     mu, params = fit_learned_ncm(data, hp, tau, CentredFeatures(data, matmul))
-    return HeadOutput(ncm_predict(data.eval_x, mu), params, dict(matmul=matmul))
+    return HeadOutput(ncm_predict(data.eval_x, mu), params, dict(matmul=matmul), lambda x: ncm_predict(x, mu))
 
 
 @register_head("multi-ncm", defaults=dict(NCM_SGD_DEFAULTS, num_centroids=HEAD_DEFAULTS["num_centroids"]),
@@ -179,5 +181,6 @@ def multi_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
                   centroid_loss_per_epoch=ncm_params["loss_per_epoch"],
                   cdnv_per_epoch=ncm_params["cdnv_per_epoch"],
                   cdnv_fixed_var_per_epoch=ncm_params["cdnv_fixed_var_per_epoch"])
-    return HeadOutput(multi_ncm_predict(data.eval_x, mu, delta), params, dict(matmul=matmul))
+    return HeadOutput(multi_ncm_predict(data.eval_x, mu, delta), params, dict(matmul=matmul),
+                      lambda x: multi_ncm_predict(x, mu, delta))
 

@@ -148,6 +148,7 @@ class HeadOutput:
     pred: torch.Tensor | np.ndarray   # [M] predicted class per eval sample
     params: dict                      # name -> numpy array, saved in the fit artifact
     chosen: dict = field(default_factory=dict)  # hyperparameters the head chose itself (e.g. p auto)
+    predict: object = None            # features [M, d] tensor -> predicted classes [M]: the fitted head itself
 
 
 def generators(seed: int, device, stream: int = 0):
