@@ -333,3 +333,32 @@ def test_run_generator_is_cpu_and_a_foreign_state_reseeds(tmp_path):
     lines = []
     model, rows = train(ds, cfg, tmp_path, "cpu", log=lines.append)
     assert model is not None and len(rows) == 2 and any("reseeded" in s for s in lines)
+
+
+def test_compiled_step_sees_only_full_batches(tmp_path, monkeypatch):
+    """--compile: static shapes (dynamic=False) and the epoch's partial last batch through the eager model,
+    so torch.compile never compiles a second graph for it."""
+    import torch
+    import pipeline.stage1.train as tr
+    from pipeline.stage1.plan import resolve_config
+    from .conftest import tiny_dataset
+
+    seen, kwargs = [], []
+
+    class Spy(torch.nn.Module):  # stands in for the compiled module: records the batch sizes it is given
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return self.m(x)
+
+    monkeypatch.setattr(tr, "resolve_compile", lambda mode, device: True)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: (kwargs.append(kw), Spy(m))[1])
+    ds = tiny_dataset()  # 26 training images: batches of 8, 8, 8 and a partial one of 2
+    cfg = resolve_config(ds, epochs=1, batch_size=8, warmup_epochs=0, precision="fp32", seed=0)
+    model, rows = tr.train(ds, cfg, tmp_path, "cpu", log=lambda *a: None)
+    assert kwargs == [{"dynamic": False}]
+    assert seen == [8, 8, 8]  # the partial batch of 2 went through the eager model
+    assert rows[0]["train_acc"] >= 0 and model is not None
