@@ -49,6 +49,7 @@ def test_readme_api_example_runs(cache, tmp_path):
     df = ns["df"]
     assert {"run", "head", "acc_all"} <= set(df.columns) and (df["head"] == "learned-ncm").any()
     assert df["acc_all"].dtype.kind == "f" and not any(c.startswith("_") for c in df.columns)
+    assert not list(cache.parent.glob("*.lock")), "record_fit left a lock file behind"
     row = df[df["head"] == "learned-ncm"].iloc[-1]
     assert row["acc_all"] == pytest.approx(ns["res"].acc["all"], abs=1e-4) and row["run"] == cache.parent.name
 

@@ -13,7 +13,6 @@ rerun is recognisable as one and the report's tables stay byte-stable.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -30,7 +29,7 @@ from ..cache import FeatureCache, read_cache
 from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
-from ..utils import UserError, atomic_path, fp32_matmul, git_commit, now_iso, resolve_device
+from ..utils import UserError, atomic_path, dir_lock, fp32_matmul, git_commit, now_iso, resolve_device
 
 
 @dataclass
@@ -185,22 +184,6 @@ def _cell(v) -> str:
     return str(v)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Exclusive advisory lock on ``path`` + '.lock' (POSIX); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(str(path) + ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _header_line() -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(RESULT_COLUMNS)
@@ -215,7 +198,7 @@ def append_row(results_path, row: dict) -> None:
     line = buf.getvalue()
     try:
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(results_path):
+        with dir_lock(results_path.parent):  # a lock on the folder: no results.csv.lock left behind
             old = results_path.read_text() if results_path.exists() else ""
             if old:
                 header = next(csv.reader(io.StringIO(old)), None)
