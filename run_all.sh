@@ -131,8 +131,8 @@ if [[ $EXTRACT -eq 1 ]]; then
   else
     cat >&2 <<EOF
 WARNING: --extract-missing will train ${#EXTRACTS[@]} stage-1 model(s) from scratch.
-  On a 2-core CPU one 13,000-iteration ResNet-32 CIFAR-LT run (the paper recipe) takes ~3.5 h with native
-  bf16 (AVX512-BF16/AMX) and ~9 h in fp32 without it; ImageNet-LT is not feasible on CPU. On one GPU a
+  On a 2-core CPU one 13,000-iteration ResNet-32 CIFAR-LT run (the paper recipe) takes ~3.5 hours with
+  native bf16 (AVX512-BF16/AMX) and ~9 hours in fp32 without it; ImageNet-LT is not feasible on CPU. On one GPU a
   CIFAR run should take minutes. Use --time-limit to advance them a session at a time. Commands:
 EOF
     printf '    %s\n' "${EXTRACTS[@]}" >&2
@@ -202,7 +202,13 @@ else
   done
   step "report" "${PIPE[@]}" report "${REPORT_ARGS[@]}"
 fi
-inflight=$("${PIPE[@]}" runs --cache-root "$CACHE_ROOT" 2>/dev/null | grep -v ": finished" || true)
+inflight=""
+for ck in "$CACHE_ROOT"/*/checkpoint.pt; do  # a run with a checkpoint and no cache yet is in flight
+  if [[ -f "$ck" && ! -f "$(dirname "$ck")/features.h5" ]]; then
+    inflight=$("${PIPE[@]}" runs --cache-root "$CACHE_ROOT" 2>/dev/null | grep -v ": finished" || true)
+    break
+  fi
+done
 if [[ -n "$inflight" ]]; then
   echo "==> stage-1 runs in flight (not in the report until they finish; re-run their extract to continue):"
   printf '    %s\n' "$inflight"
