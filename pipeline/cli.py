@@ -295,18 +295,13 @@ def info(cache, as_json):
 @click.option("--cache-root", type=click.Path(path_type=Path), default=Path("cache"), help="Root of the caches.")
 def runs(cache_root):
     """List the stage-1 runs under --cache-root: finished caches and in-flight checkpoints with progress."""
-    from .stage1.runinfo import describe, run_progress
+    from .stage1.runinfo import describe, list_runs
     if not Path(cache_root).is_dir():
         raise UserError(f"--cache-root {cache_root} is not a folder")
-    found = 0
-    for d in sorted(p for p in Path(cache_root).iterdir() if p.is_dir()):
-        if (d / "features.h5").exists():
-            found += 1
-            click.echo(f"{d.name}: finished (features.h5)")
-        elif (d / "checkpoint.pt").exists():
-            found += 1
-            click.echo(describe(run_progress(d)))
-    if not found:
+    runs = list_runs(cache_root)
+    for name, progress in runs:
+        click.echo(f"{name}: finished (features.h5)" if progress is None else describe(progress))
+    if not runs:
         click.echo(f"no stage-1 runs under {cache_root}")
 
 # ---- stage 2: fit-head ------------------------------------------------------------------------------

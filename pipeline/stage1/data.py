@@ -15,6 +15,7 @@ for each class in label order np.random.shuffle its (ascending) indices and keep
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -168,15 +169,19 @@ def scan_image_folder(root: Path):
 # ----------------------------------------------------------------------------------------------------
 # CIFAR
 
+def _unpickle(folder: Path, name: str):
+    """One file of the CIFAR python archives (pickled with Python 2: latin1)."""
+    with open(folder / name, "rb") as fh:
+        return pickle.load(fh, encoding="latin1")
+
+
 def _cifar_python(root: Path, which: str):
     """Read the CIFAR python pickles: (train_x, train_y, test_x, test_y, names) or None if absent."""
     if which == "cifar10":
         d = root / "cifar-10-batches-py"
         if not (d / "data_batch_1").exists():
             return None
-        def load(f):
-            with open(d / f, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+        load = functools.partial(_unpickle, d)
         tr = [load(f"data_batch_{i}") for i in range(1, 6)]
         te = load("test_batch")
         names = load("batches.meta")["label_names"]
@@ -187,9 +192,7 @@ def _cifar_python(root: Path, which: str):
         d = root / "cifar-100-python"
         if not (d / "train").exists():
             return None
-        def load(f):
-            with open(d / f, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+        load = functools.partial(_unpickle, d)
         tr, te, meta = load("train"), load("test"), load("meta")
         key = "coarse_labels" if which == "cifar20" else "fine_labels"
         names = meta["coarse_label_names" if which == "cifar20" else "fine_label_names"]

@@ -90,7 +90,7 @@ def _pause_before_features(dataset: LTDataset, cfg: dict, pause: PauseControl, b
                            dist: Dist, dev):
     """RunPaused when a pause signal came, or when extracting the features (every split once per variant,
     plus one recalibration pass over the training set) would not fit in the time limit."""
-    per_image = getattr(pause, "eval_seconds_per_image", None)
+    per_image = pause.eval_seconds_per_image
     n_images = sum(len(sp.labels) for sp in dataset.splits().values()) * (1 + bn_recalibrate)
     n_images += len(dataset.train.labels) * bn_recalibrate
     why = dist.any_rank(pause.reason(per_image * n_images if per_image else None), dev)

@@ -50,6 +50,8 @@ class PauseControl:
         self.limit, self.start, self.log = limit, time.monotonic() if start is None else start, log
         self.signalled: str | None = None
         self._sigint = False
+        # measured by training (test evaluation seconds per image): the estimate of the feature extraction
+        self.eval_seconds_per_image: float | None = None
         self._old = {}
 
     # -- signals ----------------------------------------------------------------------------------

@@ -31,11 +31,23 @@ def run_progress(run_dir) -> dict | None:
                 iterations=cfg.get("iterations"), steps_per_epoch=cfg.get("steps_per_epoch"))
 
 
+def list_runs(cache_root) -> list[tuple[str, dict | None]]:
+    """(run name, progress) of every stage-1 run folder under ``cache_root``, sorted by name: progress None
+    for a finished run (its features.h5 exists; its checkpoint, if kept, is not read), run_progress for one
+    in flight (a checkpoint.pt and no cache yet).  Folders with neither are not runs."""
+    root = Path(cache_root)
+    runs = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if (d / "features.h5").exists():
+            runs.append((d.name, None))
+        elif (d / "checkpoint.pt").exists():
+            runs.append((d.name, run_progress(d)))
+    return runs
+
+
 def in_flight(cache_root) -> list[dict]:
     """Progress of every run under ``cache_root`` that has a checkpoint but no features.h5 yet."""
-    root = Path(cache_root)
-    runs = [run_progress(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
-    return [p for p in runs if p is not None and not p["has_cache"]]
+    return [p for _, p in list_runs(cache_root) if p is not None]
 
 
 def describe(p: dict) -> str:

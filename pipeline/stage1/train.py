@@ -91,7 +91,7 @@ class Trainer:
 
 
 def setup(dataset: LTDataset, cfg: dict, model, opt, gen, device, dist: Dist, data_on: str, sync_bn: bool,
-          precision: str) -> Trainer:
+          precision: str, log=None) -> Trainer:
     """Place the data (this rank's block of train and test, ``data_on``), the augmentation and the step model."""
     aug = BatchAugment(dataset.mean, dataset.std, device, cfg["augment"], cfg["image_size"], gen)
     x_train = Shard(dataset.train.images, device, data_on, dist)
@@ -102,7 +102,7 @@ def setup(dataset: LTDataset, cfg: dict, model, opt, gen, device, dist: Dist, da
     # graph-breaks at every layer under torch.compile; static shapes: the partial last batch runs eager
     step_model = torch.compile(ddp_model, dynamic=False) if compiled else ddp_model
     return Trainer(cfg, model, step_model, opt, gen, aug, x_train, y_train, x_test, dataset, precision, dist,
-                   bn_split=dist.active and not sync_bn, eager_model=ddp_model)
+                   bn_split=dist.active and not sync_bn, log=log, eager_model=ddp_model)
 
 
 PROGRESS_SECONDS = 30
@@ -222,8 +222,7 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     start_epoch, rows, precision = _resume(ckpt, model, opt, gen, cfg, run_dir, log)
     ident = run_identity(cfg)
     if start_epoch < cfg["epochs"]:
-        t = setup(dataset, cfg, model, opt, gen, device, dist, data_on, sync_bn, precision)
-        t.log = log
+        t = setup(dataset, cfg, model, opt, gen, device, dist, data_on, sync_bn, precision, log)
 
         def save(epoch):  # rank 0 alone writes
             if dist.is_main:
