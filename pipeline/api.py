@@ -20,7 +20,7 @@ def load_results(path="cache", latest: bool = True):
     configuration whose cache is still the one on disk (what the report uses); else every row."""
     import pandas as pd
     from .cache import CACHE_FILE, read_cache
-    from .report.runs import read_results
+    from .report.runs import features_fingerprints, read_results
     p = Path(path)
     if p.is_file():
         files = [p]
@@ -33,7 +33,8 @@ def load_results(path="cache", latest: bool = True):
     frames = []
     for f in files:
         if latest:
-            fp = read_cache(f.parent / CACHE_FILE).fingerprint if (f.parent / CACHE_FILE).exists() else None
+            fp = (features_fingerprints(read_cache(f.parent / CACHE_FILE)) if (f.parent / CACHE_FILE).exists()
+                  else None)
             df = read_results(f, fp)[0]
         else:
             df = pd.read_csv(f, dtype=str, keep_default_na=False)

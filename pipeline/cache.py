@@ -13,7 +13,8 @@ Layout of ``<run>/features.h5`` (schema version config.SCHEMA_VERSION)::
     classes/groups         int8  [C]   0 = Many (>=100), 1 = Medium, 2 = Few (<20)
     classifier/weight      f32   [C,d] stage-1 linear classifier (the Softmax baseline)
     classifier/bias        f32   [C]
-    <variant>/<split>/features  f32   [N,d]  variant in {plain, bn_recal}; split in {train, val, test}
+    <variant>/<split>/features  f32   [N,d]  variant: plain, bn_recal, bn_recal-<data>-<sampler>-x<passes>
+                                             (config.is_variant); split in {train, val, test}
                                              (f16 where attrs feature_dtype = float16; read back as f32)
     <variant>/<split>/labels    int64 [N]
     learning_curve/<column>     per-epoch stage-1 test accuracy (epoch, lr, train_loss, all, many, ...)
@@ -21,10 +22,13 @@ Layout of ``<run>/features.h5`` (schema version config.SCHEMA_VERSION)::
 
 Datasets are gzip-compressed (with the byte-shuffle filter), so a shipped CIFAR cache stays a few MB.
 
-``plain`` features come straight from the final checkpoint in eval mode; ``bn_recal`` come from the same
-weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4).
+``plain`` features come straight from the final checkpoint in eval mode; the ``bn_recal*`` variants come from
+the same weights after every BatchNorm's running statistics were re-estimated on the training set (paper A.4),
+each by its own method (config.BN_RECAL_*), recorded as the group's ``method`` attribute (JSON) and under
+provenance ``bn_recal_methods``.  :func:`add_variants` adds or replaces variants of a finished cache.
 The fingerprint is a hash of the run identity (config.run_identity: data, subset, backbone, recipe, seed)
-and of the weights so that results rows can say exactly which features they were computed on.
+and of the weights so that results rows can say exactly which features they were computed on; a
+re-estimated variant's fingerprint (:meth:`FeatureCache.variant_fingerprint`) adds its method.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import FEATURE_DTYPES, SCHEMA_VERSION, SPLITS, VARIANTS, run_identity
+from .config import BN_RECAL_SEED, FEATURE_DTYPES, SCHEMA_VERSION, SPLITS, VARIANT_FORMS, is_variant, run_identity
 from .metrics import class_groups
 from .utils import UserError, atomic_path
 
@@ -87,23 +91,42 @@ def run_name(dataset: str, imbalance, backbone: str, seed: int, recipe: str | No
 _COMPRESS = dict(compression="gzip", compression_opts=4, shuffle=True)
 
 
+def describe_variant(variant: str, method: dict | None) -> str:
+    """One line on how a variant's features were made (the group's ``description`` attribute)."""
+    if variant == "plain":
+        return "features of the final checkpoint, eval mode, no augmentation"
+    if not method:
+        return "same weights, BatchNorm running statistics re-estimated on the training set (method not recorded)"
+    data = ("the run's training augmentation" if method["data"] == "train-aug" else "no augmentation")
+    order = ("a random permutation" if method["sampler"] == "instance" else "class-balanced draws")
+    return (f"same weights, BatchNorm running statistics re-estimated (cumulative average) over "
+            f"{method['passes']} pass(es) of the training set in {order}, with {data} (seed {method.get('seed')})")
+
+
 def write_cache(path, *, provenance: dict, class_names, train_counts, classifier_weight, classifier_bias,
                 features: dict, learning_curve: dict | None = None, model_state: dict | None = None,
-                feature_dtype: str = "float32") -> Path:
+                feature_dtype: str = "float32", variant_methods: dict | None = None) -> Path:
     """Write a complete cache atomically.  ``features[variant][split] = (X [N,d], y [N])``; ``model_state``
     is an optional state dict (name -> array) of the backbone; ``feature_dtype`` float16 halves the size
-    but is not harmless for every head (tests/test_cache.py), so shipped caches use float32."""
+    but is not harmless for every head (tests/test_cache.py), so shipped caches use float32.
+    ``variant_methods[variant]`` is the BN re-estimation method (a JSON-able dict) of a bn_recal* variant:
+    the group's ``method`` attribute and provenance ``bn_recal_methods``."""
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
     path = Path(path)
+    methods = {v: m for v, m in (variant_methods or {}).items() if v in features and m}
     for variant, splits in features.items():
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown feature variant {variant!r}; expected one of {VARIANTS}")
+        if not is_variant(variant):
+            raise ValueError(f"unknown feature variant {variant!r}; a variant is {VARIANT_FORMS}")
         for split in splits:
             if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     counts = np.asarray(train_counts, dtype=np.int64)
     prov = dict(provenance)
+    if methods:  # not identity: the fingerprint is unchanged (variant_fingerprint adds the method)
+        prov["bn_recal_methods"] = {v: methods[v] for v in sorted(methods)}
+    else:
+        prov.pop("bn_recal_methods", None)
     fp = fingerprint(prov)
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
@@ -113,7 +136,7 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
             for k in PROVENANCE_TOP_LEVEL:
                 if prov.get(k) is not None:
                     f.attrs[k] = prov[k]
-            f.attrs["variants"] = json.dumps(sorted(features))
+            f.attrs["variants"] = json.dumps(_ordered(features))
             f.attrs["feature_dtype"] = feature_dtype
             g = f.create_group("classes")
             g.create_dataset("names", data=np.array([str(c) for c in class_names], dtype=h5py.string_dtype()))
@@ -122,12 +145,12 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
             g = f.create_group("classifier")
             g.create_dataset("weight", data=np.asarray(classifier_weight, dtype=np.float32))
             g.create_dataset("bias", data=np.asarray(classifier_bias, dtype=np.float32))
-            for variant, splits in features.items():
+            for variant in _ordered(features):
+                splits = features[variant]
                 vg = f.create_group(variant)
-                vg.attrs["description"] = ("features of the final checkpoint, eval mode, no augmentation"
-                                           if variant == "plain" else
-                                           "same weights, BatchNorm running statistics re-estimated on "
-                                           "the training set (cumulative average, no augmentation)")
+                vg.attrs["description"] = describe_variant(variant, methods.get(variant))
+                if variant in methods:
+                    vg.attrs["method"] = json.dumps(methods[variant], sort_keys=True)
                 for split, (x, y) in splits.items():
                     sg = vg.create_group(split)
                     sg.create_dataset("features", data=np.asarray(x, dtype=feature_dtype), **_COMPRESS)
@@ -159,11 +182,35 @@ def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None) -> P
         if weights_sha256(ck["model"]) != prov.get("weights_sha256"):
             raise UserError(f"{checkpoint} does not hold the weights of {c.path} (weights_sha256 differs)")
         state = {k: v.contiguous() for k, v in ck["model"].items()}
-    features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in c.variants}
+    return _rewrite(c, dst, prov, feature_dtype=feature_dtype, model_state=state)
+
+
+def _ordered(variants) -> list:
+    """Variant names in display order: plain, bn_recal, then the other methods by name."""
+    return sorted(variants, key=lambda v: (v != "plain", v != "bn_recal", v))
+
+
+def _rewrite(c: "FeatureCache", dst, prov: dict, features: dict | None = None, methods: dict | None = None,
+             feature_dtype: str | None = None, model_state=None) -> Path:
+    """Write cache ``c`` to ``dst`` (atomically) with ``prov``, its variants updated by ``features``."""
+    all_features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in c.variants}
+    all_methods = {v: c.recorded_method(v) for v in c.variants}
+    all_features.update(features or {})
+    all_methods.update(methods or {})
     return write_cache(dst, provenance=prov, class_names=c.class_names, train_counts=c.train_counts,
                        classifier_weight=c.classifier_weight, classifier_bias=c.classifier_bias,
-                       features=features, learning_curve=c.learning_curve() or None, model_state=state,
-                       feature_dtype=feature_dtype)
+                       features=all_features, learning_curve=c.learning_curve() or None,
+                       model_state=model_state if model_state is not None else c.model_state(),
+                       feature_dtype=feature_dtype or c.provenance.get("feature_dtype") or FEATURE_DTYPES[0],
+                       variant_methods=all_methods)
+
+
+def add_variants(path, features: dict, methods: dict) -> Path:
+    """Add (or replace) feature variants of an existing cache, rewriting it atomically: the fingerprint, the
+    weights and every other variant stay as they were.  ``features[variant][split] = (X, y)``,
+    ``methods[variant]`` = the BN re-estimation method of each."""
+    c = read_cache(path)
+    return _rewrite(c, c.path, dict(c.provenance), features, methods)
 
 
 @dataclass
@@ -184,6 +231,31 @@ class FeatureCache:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def recorded_method(self, variant: str) -> dict | None:
+        """The BN re-estimation method recorded for ``variant`` (None for plain, or a cache made before
+        methods were recorded)."""
+        with h5py.File(self.path, "r") as f:
+            m = f[variant].attrs.get("method") if variant in f else None
+        return json.loads(m) if m is not None else None
+
+    def variant_method(self, variant: str) -> dict | None:
+        """How ``variant``'s features were made: the recorded method; for the "bn_recal" of a cache written
+        before methods were recorded, the one method that code had (clean images, one permutation)."""
+        m = self.recorded_method(variant)
+        if m is None and variant == "bn_recal" and str(self.provenance.get("bn_recal_method", "")).startswith(
+                "swa_utils.update_bn over a fixed permutation"):
+            m = dict(data="clean", sampler="instance", passes=1, seed=BN_RECAL_SEED, legacy=True)
+        return m
+
+    def variant_fingerprint(self, variant: str) -> str:
+        """What a fit on ``variant`` was computed on: the cache's fingerprint, plus the recorded method of a
+        re-estimated variant (re-estimating with another method makes the earlier fits of it stale)."""
+        m = self.recorded_method(variant) if variant != "plain" else None
+        if not m:
+            return self.fingerprint
+        what = json.dumps(dict(fingerprint=self.fingerprint, variant=variant, method=m), sort_keys=True)
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
     def splits(self, variant: str = "plain") -> list:
         with h5py.File(self.path, "r") as f:
             return [s for s in SPLITS if f"{variant}/{s}/features" in f]
@@ -191,7 +263,8 @@ class FeatureCache:
     def split(self, split: str, variant: str = "plain"):
         """(features float32 [N,d], labels int64 [N]) of one split; a UserError when absent."""
         if variant not in self.variants:
-            hint = " (re-run `pipeline extract --bn-recalibrate`)" if variant == "bn_recal" else ""
+            hint = (" (add it with `pipeline recalibrate`, or `pipeline extract --bn-recalibrate`)"
+                    if variant.startswith("bn_recal") else "")
             raise UserError(f"cache {self.path} has no {variant!r} features (has {self.variants}){hint}")
         with h5py.File(self.path, "r") as f:
             key = f"{variant}/{split}"
@@ -256,4 +329,4 @@ def read_cache(path, expect: dict | None = None, upgrade: bool = False) -> Featu
             class_names=[s.decode() if isinstance(s, bytes) else str(s) for s in f["classes/names"][()]],
             train_counts=f["classes/train_counts"][()], groups=f["classes/groups"][()],
             classifier_weight=f["classifier/weight"][()], classifier_bias=f["classifier/bias"][()],
-            variants=[v for v in VARIANTS if v in f])
+            variants=_ordered(k for k in f if is_variant(k) and isinstance(f[k], h5py.Group)))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import click
 
-from .config import (ACCURACY_KEYS, AUGMENT_KINDS, COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES,
-                     METRIC_DISTANCES, METRIC_KINDS, PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANTS)
+from .config import (ACCURACY_KEYS, AUGMENT_KINDS, BN_RECAL_DATA, BN_RECAL_DEFAULT, BN_RECAL_SAMPLERS,
+                     COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES, METRIC_KINDS,
+                     PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANT_FORMS, is_variant)
 from .stage1.data import DATASETS
 from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
 
@@ -92,6 +93,16 @@ class RunName(click.ParamType):
         return v
 
 
+class Variant(click.ParamType):
+    """A feature variant: plain, bn_recal, or bn_recal-<data>-<sampler>-x<passes> (config.is_variant)."""
+    name = "variant"
+
+    def convert(self, value, param, ctx):
+        if is_variant(str(value)):
+            return str(value)
+        self.fail(f"must be {VARIANT_FORMS}, got {value!r}", param, ctx)
+
+
 POSITIVE_INT = click.IntRange(min=1)
 NONNEG_INT = click.IntRange(min=0)
 POSITIVE = click.FloatRange(min=0, min_open=True)
@@ -117,6 +128,26 @@ def cli():
 
 
 # ---- stage 1 ----------------------------------------------------------------------------------------
+
+def bn_recal_options(f):
+    """--bn-recal-data/--bn-recal-sampler (each repeatable: every combination is one method) and
+    --bn-recal-passes: the BatchNorm re-estimation methods (config.BN_RECAL_*)."""
+    f = click.option("--bn-recal-passes", type=POSITIVE_INT, default=BN_RECAL_DEFAULT["passes"],
+                     help="BN re-estimation: passes over the training set.")(f)
+    f = click.option("--bn-recal-sampler", type=click.Choice(BN_RECAL_SAMPLERS), multiple=True,
+                     help="BN re-estimation: a random permutation (instance, as stage 1 samples) or stage 2's "
+                          "class-balanced draws (repeatable).  [default: instance]")(f)
+    f = click.option("--bn-recal-data", type=click.Choice(BN_RECAL_DATA), multiple=True,
+                     help="BN re-estimation: batches through the run's training augmentation (train-aug) or "
+                          "clean images (an ablation; repeatable).  [default: train-aug]")(f)
+    return f
+
+
+def _bn_recal_specs(data, sampler, passes) -> list:
+    """Every combination of the --bn-recal-* values: one re-estimation method each (dicts of config.BN_RECAL_DEFAULT's keys)."""
+    return [dict(data=d, sampler=s, passes=passes) for d in (data or (BN_RECAL_DEFAULT["data"],))
+            for s in (sampler or (BN_RECAL_DEFAULT["sampler"],))]
+
 
 @cli.command()
 @click.option("--dataset", required=True, type=click.Choice(DATASETS), help="Long-tailed dataset to build.")
@@ -145,7 +176,8 @@ def cli():
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Training seed (init, shuffling, augmentation).")
 @click.option("--deterministic", is_flag=True, help="Deterministic algorithms: a CPU run repeats bit for bit.")
 @click.option("--bn-recalibrate", is_flag=True,
-              help="Also store features after post-hoc BatchNorm re-estimation (paper A.4).")
+              help="Also store features after post-hoc BatchNorm re-estimation (paper A.4), variant bn_recal.")
+@bn_recal_options
 @click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto = bf16 autocast where the device has native bf16.")
@@ -179,8 +211,8 @@ def cli():
               help="Keep decoded JPEGs under <cache-dir>/images and memory-map them on later runs.")
 def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
             image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
-            deterministic, bn_recalibrate, compile_mode, sync_bn, data_on, image_store, time_limit,
-            allow_precision_change, **train_overrides):
+            deterministic, bn_recalibrate, bn_recal_data, bn_recal_sampler, bn_recal_passes, compile_mode,
+            sync_bn, data_on, image_store, time_limit, allow_precision_change, **train_overrides):
     """Stage 1: build the long-tailed dataset, train the backbone, write cache/<run>/features.h5.
 
     Exit status: 0 finished, 2 error, 3 paused (--time-limit or a signal; re-run to continue), 130 aborted.
@@ -216,8 +248,11 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
         ds = load_on_ranks(dist, load)  # one decode per node; the other ranks memory-map the store
         if store is not None and store.events:
             ds.extra["image_store"] = store.summary()
+        custom = bn_recal_data or bn_recal_sampler or bn_recal_passes != BN_RECAL_DEFAULT["passes"]
         path = run_extract(ds, cache_dir=cache_dir, run=run_name, device=device, precision=precision,
-                           deterministic=deterministic, bn_recalibrate=bn_recalibrate, overwrite=overwrite,
+                           deterministic=deterministic, bn_recalibrate=bn_recalibrate or bool(custom),
+                           bn_recal=_bn_recal_specs(bn_recal_data, bn_recal_sampler, bn_recal_passes),
+                           overwrite=overwrite,
                            compile=compile_mode, log=echo, dist=dist, data_on=data_on, sync_bn=sync_bn,
                            time_limit=limit, started=started, allow_precision_change=allow_precision_change,
                            **train_overrides)
@@ -231,6 +266,34 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
         raise
     finally:
         dist.close()
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--data-root", required=True, type=click.Path(path_type=Path),
+              help="The images the run was trained on (as given to `pipeline extract`); checked by data hash.")
+@bn_recal_options
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
+@click.option("--train-split", type=click.Path(path_type=Path), default=None)
+@click.option("--val-split", type=click.Path(path_type=Path), default=None)
+@click.option("--test-split", type=click.Path(path_type=Path), default=None)
+@click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
+def recalibrate(cache, data_root, bn_recal_data, bn_recal_sampler, bn_recal_passes, image_root,
+                train_split, val_split, test_split, device):
+    """Add post-hoc BatchNorm re-estimation features to a finished cache, from the weights it holds.
+
+    Each method (every combination of --bn-recal-data and --bn-recal-sampler) becomes its own variant:
+    bn_recal for the default (train-aug, instance, 1 pass), else bn_recal-<data>-<sampler>-x<passes>; fit
+    heads on it with `pipeline fit-head --variant NAME`.  The cache is rewritten atomically; its fingerprint
+    and other variants are unchanged."""
+    from .cache import read_cache
+    from .stage1.recalibrate import dataset_for_cache, recalibrate_cache
+    c = read_cache(cache)
+    check_writable_dir(Path(c.path).parent)
+    ds = dataset_for_cache(c, data_root, image_root, (train_split, val_split, test_split))
+    specs = _bn_recal_specs(bn_recal_data, bn_recal_sampler, bn_recal_passes)
+    recalibrate_cache(c, ds, specs, device=device, log=click.echo)
 
 
 @cli.command("pack-cache")
@@ -313,8 +376,9 @@ def runs(cache_root):
 @click.option("--head", required=True, type=LazyChoice(_heads), help="Classifier head to fit.")
 @click.option("--tau", type=NONNEG, default=None,
               help="Logit-adjustment weight (>= 0). Default 0; 1 for posthoc-la.  [default: head's]")
-@click.option("--variant", type=click.Choice(VARIANTS), default="plain",
-              help="Feature variant: as extracted, or after BatchNorm re-estimation.")
+@click.option("--variant", type=Variant(), default="plain",
+              help="Feature variant: plain (as extracted), bn_recal (after BatchNorm re-estimation), or "
+                   "bn_recal-<data>-<sampler>-x<passes> (another re-estimation method, `pipeline recalibrate`).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Seed of sampling and initialisation.")
 @click.option("--epochs", type=POSITIVE_INT, default=None, help="Default 30 (NCM heads) / 10 (crt) / 5 (lws).")
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="Default 512.")

@@ -10,6 +10,19 @@ from __future__ import annotations
 # Cache contract
 SCHEMA_VERSION = 2  # 2: fingerprint = run_identity + weights hash; optional model/ group; gzip datasets
 VARIANTS = ("plain", "bn_recal")  # features straight from the checkpoint / after post-hoc BN re-estimation
+# Post-hoc BatchNorm re-estimation (paper A.4), as precise-BN does it: with every weight frozen, the running
+# statistics are recomputed (cumulative average, swa_utils.update_bn) over `passes` passes of the training set.
+#   data     train-aug = batches through the run's own training augmentation (fixed seed): the data the weights
+#            learned on (fvcore's update_bn_stats / swa_utils.update_bn(train_loader, model) practice);
+#            clean = un-augmented images: a labelled ablation (on the shipped AutoAugment cache it costs ~10 points)
+#   sampler  instance = a random permutation per pass (the stage-1 loader); balanced = stage 2's class-balanced
+#            draws (pipeline/sampling.py)
+# The default's features are the variant "bn_recal" (Table 6's "(BN)" rows); any other method is the variant
+# "bn_recal-<data>-<sampler>-x<passes>".  README "BatchNorm re-estimation" has the measurement behind it.
+BN_RECAL_DATA = ("train-aug", "clean")
+BN_RECAL_SAMPLERS = ("instance", "balanced")
+BN_RECAL_DEFAULT = dict(data="train-aug", sampler="instance", passes=1)
+BN_RECAL_SEED = 0  # the generator of the permutations / draws and of the augmentation
 SPLITS = ("train", "val", "test")
 FEATURE_DTYPES = ("float32", "float16")  # how features are stored (read back as float32); `pack-cache --feature-dtype`
 
@@ -127,7 +140,8 @@ HEAD_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: the results.csv contract and the options of `pipeline fit-head` (one definition each; stage2/fit.py
-# writes these columns, the report reads them, the CLI takes its choices from here)
+# writes these columns, the report reads them, the CLI takes its choices from here).  cache_fingerprint is that
+# of the features the fit used: the cache's, or for a bn_recal* variant FeatureCache.variant_fingerprint.
 RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hparams", "cache_path",
                   "cache_fingerprint", "dataset", "imbalance", "backbone", "train_seed", "stage1_epochs",
                   "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
@@ -137,3 +151,39 @@ METRIC_KINDS = ("global", "local")            # metric-ncm: one W, or one W_y pe
 METRIC_DISTANCES = ("squared", "euclidean")   # metric-ncm: Eq. 3 as written, or the Learned-NCM form
 # tau-norm's p grid for `--p auto`: Decoupling's sweep, 0 to 2 in steps of 0.1, picked on the val split
 TAU_NORM_P_GRID = tuple(round(0.1 * i, 1) for i in range(21))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature variants: "plain", or the features after one BatchNorm re-estimation method
+
+
+def bn_recal_variant(data: str, sampler: str, passes: int) -> str:
+    """The variant name of a BN re-estimation method: "bn_recal" for BN_RECAL_DEFAULT, else
+    "bn_recal-<data>-<sampler>-x<passes>"."""
+    if data not in BN_RECAL_DATA or sampler not in BN_RECAL_SAMPLERS or int(passes) < 1:
+        raise ValueError(f"unknown BN re-estimation method data={data!r} sampler={sampler!r} passes={passes!r}")
+    if dict(data=data, sampler=sampler, passes=int(passes)) == BN_RECAL_DEFAULT:
+        return "bn_recal"
+    return f"bn_recal-{data}-{sampler}-x{int(passes)}"
+
+
+def bn_recal_method(variant: str) -> dict | None:
+    """The method a variant name stands for (None for "plain" or a name that is no variant)."""
+    if variant == "bn_recal":
+        return dict(BN_RECAL_DEFAULT)
+    for data in BN_RECAL_DATA:
+        for sampler in BN_RECAL_SAMPLERS:
+            head = f"bn_recal-{data}-{sampler}-x"
+            tail = variant[len(head):] if variant.startswith(head) else ""
+            if tail.isdigit() and int(tail) >= 1 and str(int(tail)) == tail:
+                method = dict(data=data, sampler=sampler, passes=int(tail))
+                return None if method == BN_RECAL_DEFAULT else method  # the default is only "bn_recal"
+    return None
+
+
+def is_variant(name: str) -> bool:
+    """Whether ``name`` is a feature variant: "plain", "bn_recal" or "bn_recal-<data>-<sampler>-x<passes>"."""
+    return name == "plain" or bn_recal_method(name) is not None
+
+
+VARIANT_FORMS = "plain, bn_recal or bn_recal-{train-aug|clean}-{instance|balanced}-x<passes>"

@@ -166,7 +166,9 @@ def test_torchrun_two_ranks_equal_one_process(two_rank_run, folder, tmp_path, mo
         f, y = c.split(split, "plain")
         np.testing.assert_array_equal(y, sp.labels)
         np.testing.assert_allclose(f, predict_features(model, x, aug)[0], rtol=1e-4, atol=1e-5)
-    recal = recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug)
+    # BN re-estimation through the run's augmentation, each global batch augmented over two ranks' slices
+    recal = recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug, c.recorded_method("bn_recal"),
+                           ds.train.labels, ds.num_classes)
     f, _ = c.split("test", "bn_recal")
     ref = predict_features(recal, Shard(ds.test.images, "cpu").local, aug)[0]
     np.testing.assert_allclose(f, ref, rtol=1e-3, atol=1e-3)

@@ -175,7 +175,7 @@ def test_sampling_generator_is_cpu_on_every_device():
 def test_balanced_sampler_draws_on_the_host(monkeypatch):
     """The sampler's tables live on the host and the epoch's indices are made there and moved to the fit's
     device in one copy (here a meta "device" stands in for CUDA: the draws are the same ones)."""
-    from pipeline.stage2.heads.sgd import BalancedSampler
+    from pipeline.sampling import BalancedSampler
     y = torch.tensor([0, 0, 1, 2, 2, 2])
     a = BalancedSampler(y, 3, torch.Generator().manual_seed(0))
     ref = a.draw(50)
@@ -192,7 +192,7 @@ def test_balanced_sampler_draws_on_the_host(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fit_trains_on_the_cpu_batches():
-    from pipeline.stage2.heads.sgd import BalancedSampler
+    from pipeline.sampling import BalancedSampler
     y = torch.randint(5, (200,), generator=torch.Generator().manual_seed(1))
     a = BalancedSampler(y, 5, torch.Generator().manual_seed(4)).draw(300)
     b = BalancedSampler(y.cuda(), 5, torch.Generator().manual_seed(4)).draw(300)
@@ -297,9 +297,12 @@ def test_feature_extraction_runs_in_fp32_matmul(monkeypatch):
             return rows
 
     class DS:
+        num_classes = 1
+
         def splits(self):
             return {"train": type("S", (), {"labels": np.zeros(3)})()}
-    evaluate.extract_features(object(), DS(), {"train": Held()}, None, bn_recalibrate=True)
+    evaluate.extract_features(object(), DS(), {"train": Held()}, None,
+                              [evaluate.recal_method(dict(augment="cifar"))])
     assert len(states) == 2 and all(s == "highest" or set(s) == {"ieee"} for s in states)
 
 

@@ -15,7 +15,7 @@ from pipeline.stage2.heads import HEADS, HeadData, HeadOutput, register_head
 from pipeline.stage2.heads.kernels import multi_ncm_loss, multi_ncm_predict, ncm_loss, ncm_loss_fast, ncm_predict
 from pipeline.stage2.heads.metric import class_eigh, local_projection_dist, metric_logits
 from pipeline.stage2.heads.ncm import cdnv_readings
-from pipeline.stage2.heads.sgd import BalancedSampler
+from pipeline.sampling import BalancedSampler
 from pipeline.synthetic import make_synthetic_cache
 from pipeline.utils import UserError
 

@@ -11,7 +11,7 @@ from pipeline.cache import read_cache
 from pipeline.cli import cli
 from pipeline.stage1.models import resnet10, resnet32
 from pipeline.stage1.augment import BatchAugment
-from pipeline.stage1.evaluate import recalibrate_bn
+from pipeline.stage1.evaluate import recal_method, recalibrate_bn
 from pipeline.stage1.extract import extract
 from pipeline.stage1.plan import resolve_config
 from pipeline.stage1.schedule import balms_lr, cosine_lr, lr_for
@@ -129,7 +129,8 @@ def test_bn_recalibration_changes_stats_not_weights(tmp_path):
     model, _ = train(ds, _cfg(ds, 2), tmp_path, "cpu", deterministic=True, log=lambda *a: None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
-    recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug)
+    recalibrate_bn(model, Shard(ds.train.images, "cpu"), aug, recal_method(dict(augment="cifar")),
+                   ds.train.labels, ds.num_classes)
     after = model.state_dict()
     params = {k for k, _ in model.named_parameters()}
     assert all(torch.equal(before[k], after[k]) for k in params)
@@ -150,7 +151,7 @@ def test_bn_recalibration_on_class_sorted_data_matches_population():
     model = resnet32(4)
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
     xt = Shard(ds.train.images, "cpu")
-    recalibrate_bn(model, xt, aug, batch=100)
+    recalibrate_bn(model, xt, aug, recal_method(dict(augment="cifar"), data="clean", batch_size=100))
     with torch.no_grad():
         pre = model.conv1(aug.normalize(xt.local))  # input of the first BN layer, whole training set
     mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))

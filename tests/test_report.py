@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipeline import report as rp
-from pipeline.cache import read_cache, run_name
+from pipeline.cache import read_cache, run_name, write_cache
 from pipeline.synthetic import make_synthetic_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def write_fit(cache_dir, head, *, variant="plain", tau=0.0, hparams=None, acc=No
     np.savez(cache_dir / "fits" / f"{fit_id}.npz", **arrays)
     row = dict(fit_id=fit_id, timestamp=timestamp, head=head, variant=variant, tau=tau, seed=seed,
                hparams=json.dumps(hparams, sort_keys=True), cache_path=str(cache_dir / "features.h5"),
-               cache_fingerprint=fingerprint or c.fingerprint, dataset=p["dataset"], imbalance=p["imbalance"],
+               cache_fingerprint=fingerprint or c.variant_fingerprint(variant), dataset=p["dataset"], imbalance=p["imbalance"],
                backbone=p["backbone"], train_seed=p["seed"], stage1_epochs=p["epochs"],
                **{f"acc_{m}": ("" if v is None else f"{v:.4f}") for m, v in vals.items()},
                fit_seconds=1.5, device="cpu", git_commit="abc123", artifact=f"fits/{fit_id}.npz")
@@ -422,6 +422,44 @@ def test_no_caches_is_nothing_to_report_but_lists_the_extracts(tmp_path):
         rp.build_report(str(tmp_path / "nope"), tmp_path / "rep")
 
 
+def _paper_like_cache(root, iterations, bn_method):
+    """A cifar10-lt beta=200 cache whose provenance is the paper recipe at ``iterations``, with a bn_recal
+    variant made by ``bn_method`` (None: the method recorded the way older code did, clean images)."""
+    from pipeline.config import RECIPES
+    cfg = {k: v for k, v in RECIPES["paper"].items() if k != "family"}
+    cfg.update(recipe="paper", iterations=iterations, dataset="cifar10-lt", imbalance=200.0, subset_seed=0, seed=0)
+    prov = dict(dataset="cifar10-lt", imbalance=200.0, subset_seed=0, backbone="resnet32", epochs=10, seed=0,
+                config=cfg, weights_sha256="w")
+    if bn_method is None:
+        prov["bn_recal_method"] = "swa_utils.update_bn over a fixed permutation of the training set (seed 0)"
+    rng = np.random.default_rng(0)
+    f = {"train": (rng.normal(size=(20, 4)).astype(np.float32), np.arange(20) % 10),
+         "test": (rng.normal(size=(10, 4)).astype(np.float32), np.arange(10))}
+    d = Path(root) / "r"
+    d.mkdir(parents=True)
+    write_cache(d / "features.h5", provenance=prov, class_names=[str(i) for i in range(10)],
+                train_counts=[2] * 10, classifier_weight=np.zeros((10, 4)), classifier_bias=np.zeros(10),
+                features={"plain": f, "bn_recal": f}, variant_methods={"bn_recal": bn_method})
+
+
+@pytest.mark.parametrize("iterations,bn,paper_listed,bn_listed", [
+    (2000, "default", True, False),   # a shorter budget does not count as the paper's run
+    (13000, "default", False, False),
+    (13000, None, False, True),       # bn_recal of the older clean-image method: re-estimate it
+    (13000, "clean", False, True),
+])
+def test_list_missing_counts_only_the_papers_budget_and_the_default_bn(tmp_path, iterations, bn, paper_listed,
+                                                                        bn_listed):
+    from pipeline.config import BN_RECAL_DEFAULT
+    method = {"default": dict(BN_RECAL_DEFAULT, seed=0), "clean": dict(BN_RECAL_DEFAULT, data="clean", seed=0),
+              None: None}[bn]
+    _paper_like_cache(tmp_path / "cache", iterations, method)
+    cmds = [c for c in rp.missing_extract_commands(str(tmp_path / "cache"))
+            if "--dataset cifar10-lt" in c and "--imbalance 200" in c]
+    assert any("--recipe paper" in c and "--epochs" not in c for c in cmds) == paper_listed, cmds
+    assert any("--epochs 10" in c and "--run-name r" in c and "--bn-recalibrate" in c for c in cmds) == bn_listed, cmds
+
+
 def test_cli_report_and_list_missing(world, tmp_path):
     from click.testing import CliRunner
 
@@ -436,7 +474,10 @@ def test_cli_report_and_list_missing(world, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert any("--dataset cifar100-lt --data-root /data/c100 --imbalance 10" in l for l in lines)
-    assert not any("--dataset cifar100-lt" in l and "--imbalance 200" in l for l in lines)  # has BN already
+    # the synthetic caches fill cells but are not the paper's runs: the paper's extract is still listed
+    assert any("--dataset cifar100-lt" in l and "--imbalance 200" in l and "--recipe paper" in l for l in lines)
+    assert not any("--dataset cifar100-lt" in l and "--imbalance 200" in l and "--epochs" in l
+                   for l in lines)  # has BN already: nothing to add to the existing runs
     assert any("--dataset cifar10-lt" in l and "--imbalance 200" in l and "--bn-recalibrate" in l for l in lines)
     assert not (tmp_path / "reports").exists()
     r = runner.invoke(cli, ["report", "--cache-root", str(tmp_path / "none")])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.cache import read_cache, weights_sha256
+from pipeline.config import BN_RECAL_DEFAULT, BN_RECAL_SEED, EXTRACT_BATCH
 from pipeline.metrics import evaluate
 
 from .conftest import CIFAR10_JPEG, needs_cifar_jpeg
@@ -32,7 +33,10 @@ def test_shipped_cache_is_valid_and_consistent(path):
     c = read_cache(path)
     p = c.provenance
     assert c.schema_version == 2 and p["config"]["data_hash"] and p["git_commit"] and p["weights_sha256"]
-    assert set(c.variants) == {"plain", "bn_recal"} and p.get("bn_recal_method")
+    # the chosen BN re-estimation (config.BN_RECAL_DEFAULT: train-aug, README) and only it
+    assert c.variants == ["plain", "bn_recal"]
+    assert c.recorded_method("bn_recal") == dict(BN_RECAL_DEFAULT, seed=BN_RECAL_SEED, batch_size=EXTRACT_BATCH,
+                                                 augment=p["config"]["augment"])
     # the stored stage-1 classifier on the stored test features is the Softmax row of the run's own log
     x, y = c.split("test")
     acc = evaluate((x @ c.classifier_weight.T + c.classifier_bias).argmax(1), y, c.groups)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import BN_RECAL_DEFAULT
 from ..config import RESULT_COLUMNS  # noqa: F401  (re-exported: the contract the report reads)
 from ..utils import UserError, atomic_dir, atomic_path, check_writable_dir
 from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_head_markdown
@@ -202,18 +203,30 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
 
 
 def missing_extract_commands(cache_root="cache", data_roots: dict | None = None) -> list:
-    """`pipeline extract` commands for the configurations the tables/figures need but no cache has."""
+    """`pipeline extract` commands for the configurations the tables/figures need but no cache of the paper's
+    recipe and budget has (a shorter run, e.g. the shipped 2,000-iteration cache, fills cells meanwhile but
+    does not count), and for caches whose bn_recal features are missing or made by another method than
+    config.BN_RECAL_DEFAULT (extract adds them from the cache's weights, without training)."""
     ctx = load_context(cache_root, data_roots)
     cmds = []
     for ds, b in NEEDED_CONFIGS:
         g = ctx.choose_group(ds, b)
         bn = (ds, b) in BN_CONFIGS or FAMILY[ds] == "cifar"  # BN recalibration is cheap: always add for CIFAR
-        if g is None:
+        if g is None or g.caches[0].recipe_deviations():
             cmds.append(ctx.extract_command(ds, b, bn=bn))
-        elif (ds, b) in BN_CONFIGS:
+        if g is not None and (ds, b) in BN_CONFIGS:
             cmds += [ctx.extract_command(ds, b, seed=c.seed, bn=True, like=c)
-                     for c in g.caches if "bn_recal" not in c.cache.variants]
+                     for c in g.caches if not _bn_recal_current(c.cache)]
     return cmds
+
+
+def _bn_recal_current(cache) -> bool:
+    """Whether the cache has bn_recal features not known to come from another method than
+    config.BN_RECAL_DEFAULT (a method not recorded at all, as in synthetic caches, is taken as it is)."""
+    if "bn_recal" not in cache.variants:
+        return False
+    m = cache.variant_method("bn_recal")
+    return m is None or all(m.get(k) == v for k, v in BN_RECAL_DEFAULT.items())
 
 
 def needed_fits(cache_root="cache", quick: bool = False) -> list:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..utils import UserError
 from .fmt import fmt1
-from .paper import Spec, needed_specs
+from .paper import BN_COMPARE_HEADS, H, Spec, needed_specs
 from .runs import fit_args, load_context
 
 
@@ -41,13 +41,17 @@ class FitJob:
 
 
 def fit_plan(cache_root="cache", quick: bool = False) -> list:
-    """Every fit the tables and figures need, on every cache under ``cache_root``, in table order
-    (bn_recal fits only where the cache has those features; tau-norm's p picked on the val split where the
-    cache has one)."""
+    """Every fit the tables and figures need, on every cache under ``cache_root``, in table order, then
+    BN_COMPARE_HEADS on each BN re-estimation variant the cache holds (bn_recal fits only where the cache
+    has those features; tau-norm's p picked on the val split where the cache has one)."""
     ctx = load_context(cache_root)
     jobs = []
     for c in ctx.infos:
-        for spec in needed_specs(quick):
+        specs = needed_specs(quick)
+        if not quick:  # each BN re-estimation method the cache holds, on the heads that compare them
+            compare = [H(h, variant=v) for v in c.cache.variants if v != "plain" for h in BN_COMPARE_HEADS]
+            specs += [s for s in compare if s not in specs]
+        for spec in specs:
             if spec.variant not in c.cache.variants:
                 continue
             opts = (("p", "auto"),) if spec.head == "tau-norm" and "val" in c.cache.splits(spec.variant) else ()

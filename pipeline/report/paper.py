@@ -169,6 +169,9 @@ BN_CONFIGS = {("cifar10-lt", 200.0), ("cifar100-lt", 200.0)}  # Table 6
 # Fig. 6 reads the learned-ncm artifact of Table 1's row
 FIGURE_SPECS = [H("learned-ncm", t) for t in TAU_SWEEP] + [H("local-projection")]
 QUICK_SPECS = [H("ncm"), H("learned-ncm"), H("learned-ncm", LA_TAU)]  # run_all.sh --quick: a smoke test
+# every BatchNorm re-estimation variant a cache holds is compared with plain on these heads (the every-head
+# table of the cache; README "BatchNorm re-estimation")
+BN_COMPARE_HEADS = ("softmax", "ncm", "learned-ncm", "multi-ncm")
 
 
 def needed_specs(quick: bool = False) -> list:

@@ -131,11 +131,17 @@ def parse_hparams(s) -> dict:
         return {}
 
 
-def read_results(path, fingerprint: str | None = None, warnings: list | None = None):
+def features_fingerprints(cache) -> dict:
+    """variant -> the fingerprint its fit rows must carry (FeatureCache.variant_fingerprint)."""
+    return {v: cache.variant_fingerprint(v) for v in cache.variants}
+
+
+def read_results(path, fingerprint: str | dict | None = None, warnings: list | None = None):
     """Rows of one results.csv, the latest per (head, variant, tau, hparams); returns (rows, stale, total).
 
     Rows whose cache_fingerprint differs from the cache's (the cache was re-extracted since) are stale and
-    dropped.  "Latest" is by timestamp; equal timestamps go to the row written later in the file.  A rerun
+    dropped; ``fingerprint`` is one for every row, or a dict variant -> fingerprint (features_fingerprints:
+    a variant re-estimated since, or no longer in the cache, makes its rows stale).  "Latest" is by timestamp; equal timestamps go to the row written later in the file.  A rerun
     of a fit has the same content-derived fit_id, so re-running deterministic fits changes no table.
     """
     warnings = [] if warnings is None else warnings
@@ -159,7 +165,11 @@ def read_results(path, fingerprint: str | None = None, warnings: list | None = N
     df["_order"] = np.arange(len(df))
     stale = 0
     if fingerprint is not None:
-        keep = df["cache_fingerprint"].str.strip() == fingerprint
+        if isinstance(fingerprint, dict):
+            want = df["variant"].replace("", "plain").map(fingerprint).fillna("\0")
+        else:
+            want = fingerprint
+        keep = df["cache_fingerprint"].str.strip() == want
         stale = int((~keep).sum())
         df = df[keep]
     df = df.copy()
@@ -215,11 +225,11 @@ def discover(cache_root, warnings: list) -> list:
         info = CacheInfo(dir=h5.parent, rel=rel, run=h5.parent.name, cache=c, dataset=ds, imbalance=imb,
                          seed=int(prov.get("seed", 0) or 0), epochs=prov.get("epochs"),
                          group_key=group_key(prov, ds))
-        info.rows, info.stale_rows, info.all_rows = read_results(h5.parent / "results.csv", c.fingerprint,
-                                                                 warnings)
+        info.rows, info.stale_rows, info.all_rows = read_results(h5.parent / "results.csv",
+                                                                 features_fingerprints(c), warnings)
         if info.stale_rows:
-            warnings.append(f"{info.rel}/results.csv: {info.stale_rows} row(s) were fitted on an older cache "
-                            f"(fingerprint differs from {c.fingerprint}) and are ignored")
+            warnings.append(f"{info.rel}/results.csv: {info.stale_rows} row(s) were fitted on older features "
+                            f"(fingerprint differs from {c.fingerprint} or its variant's) and are ignored")
         infos.append(info)
     return infos
 

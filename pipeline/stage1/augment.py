@@ -17,6 +17,7 @@ group of images that drew it, so probabilities, magnitudes and pixel results are
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -211,6 +212,15 @@ class BatchAugment:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.kind, self.out_size, self.g, self.device = kind, out_size, generator, device
+
+    def reseeded(self, kind: str, generator) -> "BatchAugment":
+        """The same normalisation with augmentation ``kind`` drawn from ``generator`` (e.g. a run's training
+        augmentation for BatchNorm re-estimation, with its own fixed seed)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown augmentation {kind!r}; expected one of {KINDS}")
+        out = copy.copy(self)
+        out.kind, out.g = kind, generator
+        return out
 
     def normalize(self, x_uint8):
         return (x_uint8.float() - self.mean) / self.std

@@ -6,19 +6,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..cache import CACHE_FILE, read_cache, run_name
-from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY
+from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY, bn_recal_variant
 from ..utils import UserError, check_writable_dir
 from .checkpoint import CHECKPOINT_FILE, CURVE_FILE, identity_diff
 from .data import LTDataset
 from .distributed import Dist, bn_groups, resolve_sync_bn
-from .evaluate import BN_RECAL_METHOD
+from .evaluate import recal_method
 from .models import MODELS
 from .precision import resolve_precision
 
@@ -124,41 +124,47 @@ class Plan:
     cfg: dict            # the resolved config (config.run_identity of it is the run's identity)
     sync_bn: bool        # SyncBatchNorm under torchrun
     run_dir: Path
-    done: bool           # the run's cache is up to date: nothing to do
+    done: bool           # the run's cache exists (nothing to train)
+    methods: list = field(default_factory=list)  # BN re-estimation methods asked (evaluate.recal_method dicts)
+    recal: list = field(default_factory=list)    # those of them a finished cache still lacks: added from its weights
 
     @property
     def cache_path(self) -> Path:
         return self.run_dir / CACHE_FILE
 
 
-def _cache_is_current(cache_path: Path, cfg: dict, bn_recalibrate: bool, allow_precision_change, log) -> bool:
-    """Whether the existing cache is this run (and has the bn_recal features when asked); an existing cache
-    of another identity is refused."""
+def _missing_variants(cache_path: Path, cfg: dict, methods: list, allow_precision_change, log) -> list:
+    """The BN re-estimation methods whose variant the existing cache lacks (or holds made another way); an
+    existing cache of another identity is refused."""
     have = read_cache(cache_path)
     diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
     if diff:
         raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
                         "use another --run-name / --cache-dir, or --overwrite to replace it")
-    recal_ok = "bn_recal" in have.variants and have.provenance.get("bn_recal_method") == BN_RECAL_METHOD
-    if not bn_recalibrate or recal_ok:
+    missing = [m for m in methods
+               if have.recorded_method(bn_recal_variant(m["data"], m["sampler"], m["passes"])) != m]
+    if not missing:
         log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
-        return True
-    log(f"cache {cache_path}: (re)building its bn_recal features with {BN_RECAL_METHOD}")
-    return False
+    for m in missing:
+        log(f"cache {cache_path}: adding its {bn_recal_variant(m['data'], m['sampler'], m['passes'])} features "
+            f"from the weights it holds")
+    return missing
 
 
 def plan_run(dataset: LTDataset, cache_dir, run, device, precision: str, dist: Dist, sync_bn: str,
-             overwrite: bool, bn_recalibrate: bool, allow_precision_change: bool, log, **overrides) -> Plan:
+             overwrite: bool, bn_recal: list, allow_precision_change: bool, log, **overrides) -> Plan:
     """Rank 0 (it alone hashes the data and reads the run folder): the config, the run folder, and whether
-    its cache is already up to date.  ``overwrite`` discards the folder's checkpoint and learning curve."""
+    its cache already exists (and which of the BN re-estimation methods ``bn_recal`` -- dicts of data,
+    sampler, passes -- it lacks).  ``overwrite`` discards the folder's checkpoint and learning curve."""
     cfg = resolve_config(dataset, precision=resolve_precision(precision, device), **overrides)
     sync = resolve_sync_bn(sync_bn, cfg["backbone"], cfg["batch_size"], dist.world)
     cfg["bn_groups"] = bn_groups(dist.world, sync)  # identity: None = BatchNorm over the global batch
     name = run or run_name(dataset.name, dataset.imbalance, cfg["backbone"], cfg["seed"], cfg["recipe"])
     run_dir = check_writable_dir(Path(cache_dir) / name)
-    plan = Plan(cfg, sync, run_dir, False)
+    plan = Plan(cfg, sync, run_dir, False, [recal_method(cfg, **spec) for spec in bn_recal])
     if plan.cache_path.exists() and not overwrite:
-        plan.done = _cache_is_current(plan.cache_path, cfg, bn_recalibrate, allow_precision_change, log)
+        plan.recal = _missing_variants(plan.cache_path, cfg, plan.methods, allow_precision_change, log)
+        plan.done = True
     if overwrite:
         for p in (run_dir / CHECKPOINT_FILE, run_dir / CURVE_FILE):
             p.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, read_cache
-from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANTS
+from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANT_FORMS, is_variant
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
 from ..utils import UserError, atomic_path, dir_lock, fp32_matmul, git_commit, now_iso, resolve_device
@@ -72,8 +72,8 @@ def _finite(name, a):
 
 def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = False):
     """Read and validate train + eval (+ val) arrays (UserError on anything a fit cannot use)."""
-    if variant not in VARIANTS:
-        raise UserError(f"--variant must be one of {VARIANTS}, got {variant!r}")
+    if not is_variant(variant):
+        raise UserError(f"variant must be {VARIANT_FORMS}; got {variant!r}")
     tx, ty = cache.split("train", variant)
     ex, ey = cache.split(eval_split, variant)
     vx = vy = None
@@ -221,7 +221,8 @@ def record_fit(cache, result: FitResult, results_path=None) -> dict:
         cache = read_cache(cache)
     cache_dir = Path(cache.path).resolve().parent
     results_path = Path(results_path) if results_path else cache_dir / "results.csv"
-    fid = fit_id(cache.fingerprint, result)
+    features_fp = cache.variant_fingerprint(result.variant)  # the cache's, plus a re-estimation's method
+    fid = fit_id(features_fp, result)
     artifact = Path("fits") / f"{fid}.npz"
     arrays = {"per_class_acc": np.asarray(result.per_class, dtype=np.float64),
               "train_counts": np.asarray(result.train_counts if result.train_counts is not None
@@ -238,7 +239,7 @@ def record_fit(cache, result: FitResult, results_path=None) -> dict:
     prov = cache.provenance
     row = dict(fit_id=fid, timestamp=now_iso(), head=result.head, variant=result.variant, tau=result.tau,
                seed=result.seed, hparams=json.dumps(result.hparams, sort_keys=True, separators=(",", ":")),
-               cache_path=str(Path(cache.path).resolve()), cache_fingerprint=cache.fingerprint,
+               cache_path=str(Path(cache.path).resolve()), cache_fingerprint=features_fp,
                dataset=prov.get("dataset"), imbalance=prov.get("imbalance"), backbone=prov.get("backbone"),
                train_seed=prov.get("seed"), stage1_epochs=prov.get("epochs"),
                acc_all=result.acc["all"], acc_many=result.acc["many"], acc_medium=result.acc["medium"],
