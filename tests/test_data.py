@@ -91,7 +91,7 @@ def test_cifar10_python_format(tmp_path):
 def test_missing_and_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("cifar10-lt", tmp_path / "nope")
-    with pytest.raises(UserError, match="--download"):
+    with pytest.raises(UserError, match="download=True"):
         load_dataset("cifar100-lt", tmp_path)
     with pytest.raises(UserError, match="unknown dataset"):
         load_dataset("mnist-lt", tmp_path)
