@@ -221,7 +221,7 @@ def load_cifar(name: str, root, imbalance: float, subset_seed: int = SUBSET_SEED
     """
     root = Path(root)
     which = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "cifar20-lt": "cifar20"}[name]
-    if not root.exists():
+    if not root.exists() and not download:  # with download=True torchvision creates it
         raise UserError(f"data root {root} does not exist; pass the CIFAR python folder (or an ImageFolder with "
                         "train/ and test/) as data_root=..., or download=True")
     n_max = CIFAR_NMAX[name]
