@@ -1,7 +1,7 @@
 """`pipeline` command line: a thin layer over the library functions (which the tests call directly).
 
 Bad input raises pipeline.utils.UserError anywhere below; it is printed here as one line
-("Error: ...") with exit status 2 and no traceback.
+("Error: ...") with exit status 2 and no traceback, in the command's words (:func:`in_cli_words`).
 
 Only light modules are imported here (no torch, h5py, pandas or matplotlib), so that `pipeline --help` and
 option errors answer at once; each command imports the heavy module that does its work when it runs.
@@ -11,6 +11,7 @@ the device pattern), the torch-backed registries through :class:`LazyChoice`.
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -73,8 +74,8 @@ class TauNormP(click.ParamType):
             v = float(value)
         except ValueError:
             self.fail(f"must be a number >= 0 or 'auto', got {value!r}", param, ctx)
-        if not v >= 0:
-            self.fail(f"must be >= 0 or 'auto', got {value!r}", param, ctx)
+        if not (math.isfinite(v) and v >= 0):
+            self.fail(f"must be a finite number >= 0 or 'auto', got {value!r}", param, ctx)
         return v
 
 
@@ -103,10 +104,46 @@ class Variant(click.ParamType):
         self.fail(f"must be {VARIANT_FORMS}, got {value!r}", param, ctx)
 
 
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which compare false against any bound)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
 POSITIVE_INT = click.IntRange(min=1)
 NONNEG_INT = click.IntRange(min=0)
-POSITIVE = click.FloatRange(min=0, min_open=True)
-NONNEG = click.FloatRange(min=0)
+POSITIVE = FiniteRange(min=0, min_open=True)
+NONNEG = FiniteRange(min=0)
+
+# Library arguments whose option is spelled otherwise (extract's run= is --run-name, build_report's out_dir= --out)
+LIBRARY_ARGS = {"run": "run_name", "out_dir": "out"}
+_ARG = re.compile(r"(?<![\w/.=$-])([a-z][a-z0-9_]*)=('[^']*'|[^\s,;()']*)")
+
+
+def in_cli_words(message: str, command: click.Command) -> str:
+    """A library error in ``command``'s words.  Library messages name an argument ``name=value``
+    (pipeline.utils.UserError); each whose name is one of the command's options becomes its flag:
+    ``overwrite=True`` -> ``--overwrite``, ``precision='bf16'`` -> ``--precision bf16``,
+    ``results_path=...`` -> ``--results``, ``figures=False`` -> ``--no-figures``."""
+    flags = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            flags[p.name] = p.opts[0]
+            flags.update({o.lstrip("-").replace("-", "_"): o for o in p.opts + p.secondary_opts})
+
+    def flag(m):
+        name, value = LIBRARY_ARGS.get(m[1], m[1]), m[2].strip("'")
+        if value == "False" and f"no_{name}" in flags:
+            return flags[f"no_{name}"]
+        if name not in flags:
+            return m[0]
+        return flags[name] if value in ("", "...", "True") else f"{flags[name]} {value}"
+
+    return _ARG.sub(flag, message)
 
 
 class _Group(click.Group):
@@ -114,7 +151,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"Error: {e}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"Error: {in_cli_words(str(e), command) if command else e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -153,7 +191,8 @@ def _bn_recal_specs(data, sampler, passes) -> list:
 @click.option("--dataset", required=True, type=click.Choice(DATASETS), help="Long-tailed dataset to build.")
 @click.option("--data-root", required=True, type=click.Path(path_type=Path),
               help="CIFAR python folder or ImageFolder root (train/, test/); split files for *-lt lists.")
-@click.option("--imbalance", type=click.FloatRange(min=1), default=100.0, help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
+@click.option("--imbalance", type=FiniteRange(min=1), default=100.0,
+              help="beta = N_max/N_min (CIFAR, ImageFolder; >= 1).")
 @click.option("--subset-seed", type=click.IntRange(0, 2**32 - 1), default=SUBSET_SEED, help="numpy seed of the LDAM-DRW subset.")
 @click.option("--backbone", type=LazyChoice(_models), default=None,
               help="Default: resnet32 for CIFAR, resnet10 otherwise.")
@@ -222,7 +261,10 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     import time
     from .stage1.pause import EXIT_PAUSED, RunPaused, parse_duration
     started = time.monotonic()
-    limit = parse_duration(time_limit) if time_limit is not None else None
+    try:
+        limit = parse_duration(time_limit) if time_limit is not None else None
+    except UserError as e:
+        raise UserError(f"--time-limit: {e}") from None
     from .stage1.data import load_dataset
     from .stage1.distributed import init_distributed, load_on_ranks
     from .stage1.store import ImageStore
@@ -309,7 +351,7 @@ def pack_cache(cache, out, feature_dtype, checkpoint):
     src = cache_file(cache)
     if Path(out).resolve() == src.resolve():
         raise UserError("--out must differ from the source cache")
-    check_writable_dir(Path(out).parent, "--out")
+    check_writable_dir(Path(out).parent, "out")
     path = repack_cache(cache, out, feature_dtype, checkpoint)
     c = read_cache(path)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {feature_dtype} features, fingerprint "

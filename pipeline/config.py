@@ -9,7 +9,7 @@ from __future__ import annotations
 # ----------------------------------------------------------------------------------------------------
 # Cache contract
 SCHEMA_VERSION = 2  # 2: fingerprint = run_identity + weights hash; optional model/ group; gzip datasets
-VARIANTS = ("plain", "bn_recal")  # features straight from the checkpoint / after post-hoc BN re-estimation
+# Feature variants: "plain" (straight from the final checkpoint) or "bn_recal*" (is_variant, below).
 # Post-hoc BatchNorm re-estimation (paper A.4), as precise-BN does it: with every weight frozen, the running
 # statistics are recomputed (cumulative average, swa_utils.update_bn) over `passes` passes of the training set.
 #   data     train-aug = batches through the run's own training augmentation (fixed seed): the data the weights
@@ -132,7 +132,7 @@ HEAD_DEFAULTS = dict(
     lr=5.0,            # "learning rate of 5 with momentum 0.9"
     momentum=0.9,
     clip=0.1,          # "gradient clipping above 0.1" (total gradient norm)
-    epochs=30,         # not given by the paper; see README (Stage 2) for the choice
+    epochs=30,         # not given by the paper; see docs/stage2.md (Defaults) for the choice
     batch_size=512,    # not given by the paper
     num_centroids=20,  # Multi-NCM displacements, "fixed at 20 after cross-validation"
     tau=0.0,           # logit adjustment weight; the paper's choice is 1/8

@@ -13,7 +13,12 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """Bad input from the user: the CLI prints the message on one line and exits non-zero, no traceback."""
+    """Bad input from the user: the CLI prints the message on one line and exits non-zero, no traceback.
+
+    Messages are in the library's words: an argument is named as the Python caller writes it, the subject
+    alone (``tau must be >= 0``) or ``name=value`` in what to do (``overwrite=True``, ``precision='bf16'``,
+    ``results_path=...``).  The CLI shows each ``name=value`` whose name is one of its command's options as
+    that flag (``--overwrite``, ``--precision bf16``, ``--results``); see ``pipeline.cli.in_cli_words``."""
 
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -48,15 +53,16 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_writable_dir(path, option: str = "--cache-dir") -> Path:
-    """Create `path` (a directory) if needed; a clear UserError naming `option` when that is impossible."""
+def check_writable_dir(path, arg: str = "cache_dir") -> Path:
+    """Create `path` (a directory) if needed; a clear UserError naming the argument `arg` when that is
+    impossible."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create directory {path}: {e.strerror}; choose a writable {option}") from None
+        raise UserError(f"cannot create directory {path}: {e.strerror}; choose a writable {arg}=...") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"directory {path} is not writable; choose a writable {option}")
+        raise UserError(f"directory {path} is not writable; choose a writable {arg}=...")
     return path
 
 
@@ -68,11 +74,12 @@ def resolve_device(device: str = "auto"):
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N' -> torch.device."""
     import torch
     if not re.fullmatch(DEVICE_PATTERN, str(device)):
-        raise UserError(f"--device must be {DEVICE_HELP}, got {device!r}")
+        raise UserError(f"device must be {DEVICE_HELP}, got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
+        raise UserError(f"device={device!r} asks for CUDA, but no CUDA device is available; use device='auto' or "
+                        "device='cpu'")
     return torch.device(device)
 
 

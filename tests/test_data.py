@@ -91,8 +91,18 @@ def test_cifar10_python_format(tmp_path):
 def test_missing_and_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("cifar10-lt", tmp_path / "nope")
-    with pytest.raises(UserError, match="--download"):
+    with pytest.raises(UserError, match="download=True"):
         load_dataset("cifar100-lt", tmp_path)
+    with pytest.raises(UserError, match="download=True"):
+        load_dataset("cifar10-lt", tmp_path / "new")
+
+
+def test_download_into_a_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+    """`--data-root data/cifar10 --download` on a fresh clone: the folder is made by the download, not refused."""
+    from pipeline.stage1 import data
+    monkeypatch.setattr(data, "_cifar_download", lambda root, which: write_cifar_python(root, which, 20, 2))
+    ds = load_dataset("cifar10-lt", tmp_path / "new" / "cifar10", imbalance=4, download=True)
+    assert (tmp_path / "new" / "cifar10" / "cifar-10-batches-py").is_dir() and len(ds.test.labels) == 20
     with pytest.raises(UserError, match="unknown dataset"):
         load_dataset("mnist-lt", tmp_path)
     with pytest.raises(UserError, match=">= 1"):

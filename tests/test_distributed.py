@@ -367,7 +367,7 @@ def test_sync_bn_default_and_identity():
     assert resolve_sync_bn("auto", "resnet10", 512, 8) is False         # 64 per GPU: per-GPU BN
     assert resolve_sync_bn("auto", "resnet10", 128, 8) is True          # 16 per GPU: too few
     assert resolve_sync_bn("on", "resnet32", 512, 1) is False           # one process: nothing to sync
-    with pytest.raises(UserError, match="--sync-bn"):
+    with pytest.raises(UserError, match="sync_bn must be one of"):
         resolve_sync_bn("maybe", "resnet32", 512, 2)
     ds = tiny_dataset()
     cfg = resolve_config(ds, epochs=1)

@@ -164,7 +164,7 @@ BAD = {
     "not hdf5": (lambda d: (d / "notes.h5").write_text("hi") and d / "notes.h5", ["--head", "ncm"],
                  "not an HDF5"),
     "negative tau": (lambda d: d, ["--head", "learned-ncm", "--tau", "-0.5"], "--tau"),
-    "tau on a head without tau": (lambda d: d, ["--head", "ncm", "--tau", "0.5"], "does not use --tau"),
+    "tau on a head without tau": (lambda d: d, ["--head", "ncm", "--tau", "0.5"], "got --tau 0.5"),
     "nan features": (lambda d: _nan_cache(d / "nan" / "features.h5"), ["--head", "ncm"], "NaN"),
     "missing split": (lambda d: d, ["--head", "ncm", "--eval-split", "val"], "no 'val' split"),
     "missing variant": (lambda d: d, ["--head", "ncm", "--variant", "bn_recal"], "no 'bn_recal'"),
@@ -211,7 +211,7 @@ def test_api_validates_before_fitting(cache_dir):
         fit_head(c, "learned-ncm", epoch=3)
     with pytest.raises(UserError, match="unknown head"):
         fit_head(c, "nope")
-    with pytest.raises(UserError, match="--metric"):
+    with pytest.raises(UserError, match="metric must be one of"):
         fit_head(c, "metric-ncm", metric="diagonal")
     res = fit_head(c, "ncm", device="cpu")
     row = record_fit(c, res)

@@ -245,7 +245,7 @@ def test_tau_norm_p_auto_is_chosen_on_val_only(tmp_path):
     with pytest.raises(UserError, match="no 'val' split"):
         fit_head(c if False else read_cache(make_synthetic_cache(tmp_path / "nv.h5", **HARD)), "tau-norm",
                  p="auto")
-    with pytest.raises(UserError, match="--eval-split test"):
+    with pytest.raises(UserError, match="eval_split='test'"):
         fit_head(c, "tau-norm", p="auto", eval_split="val")
 
 

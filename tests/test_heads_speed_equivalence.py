@@ -211,5 +211,5 @@ def test_matmul_choice_is_recorded_and_falls_back_without_bf16(monkeypatch, tmp_
     assert fit_head(c, "learned-ncm", epochs=1, device="cpu").hparams["matmul"] == "bf16"
     r = fit_head(c, "learned-ncm", epochs=1, device="cpu", matmul="fp32")
     assert r.hparams["matmul"] == "fp32"
-    with pytest.raises(UserError, match="--matmul must be one of"):
+    with pytest.raises(UserError, match="matmul must be one of"):
         fit_head(c, "learned-ncm", matmul="fp16")

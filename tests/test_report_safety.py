@@ -121,7 +121,7 @@ def test_no_figures_does_not_drop_the_figures_without_force(small, tmp_path):
     figures it has needs --force."""
     out = _copy_report(small, tmp_path)
     before = snapshot(out)
-    with pytest.raises(rp.UserError, match="--force"):
+    with pytest.raises(rp.UserError, match="force=True"):
         rp.build_report(str(small["root"]), out, figures=False)
     assert snapshot(out) == before
     rp.build_report(str(small["root"]), out, figures=False, force=True)

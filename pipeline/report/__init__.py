@@ -77,7 +77,7 @@ def parse_data_roots(items) -> dict:
     out = {}
     for it in items or ():
         if "=" not in it:
-            raise UserError(f"--data-root expects DATASET=DIR, got {it!r}")
+            raise UserError(f"data_roots= entries must look like DATASET=DIR, got {it!r}")
         k, v = it.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -98,7 +98,7 @@ def _check_out_dir(out_dir: Path):
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a folder")
+        raise UserError(f"{out_dir} is a file, not a folder; choose another out_dir=...")
     foreign = []
     for p in sorted(out_dir.iterdir()):
         if not _OWN_TOP.fullmatch(p.name):
@@ -110,8 +110,8 @@ def _check_out_dir(out_dir: Path):
             foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if not _OWN_SUB[p.name].fullmatch(q.name)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"--out {out_dir} holds files that `pipeline report` did not write ({shown}); the report "
-                        "replaces the whole folder, so choose an empty or report-only --out")
+        raise UserError(f"{out_dir} holds files that `pipeline report` did not write ({shown}); the report "
+                        "replaces the whole folder, so choose an empty or report-only out_dir=...")
 
 
 def filled_cells(tables: dict) -> int:
@@ -149,22 +149,23 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
     if out_dir.is_symlink():  # swap the folder it points to, not the link
         out_dir = out_dir.resolve()
     if not Path(cache_root).exists():
-        raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass --cache-root")
+        raise UserError(f"cache root {cache_root} does not exist; run `pipeline extract` first or pass another "
+                        "cache_root=...")
     ctx = load_context(cache_root, data_roots, tolerance)
     if not ctx.infos:
         why = f" ({'; '.join(ctx.warnings)})" if ctx.warnings else ""
         raise UserError(f"nothing to report: no readable cache under {cache_root}/<run>/features.h5{why}; "
                         f"{out_dir} is left as it is. Create caches with `pipeline extract` (`pipeline report "
-                        "--list-missing` prints the commands) or pass the right --cache-root")
+                        "--list-missing` prints the commands) or pass the right cache_root=...")
     _check_out_dir(out_dir)
-    check_writable_dir(out_dir.parent, "--out")
+    check_writable_dir(out_dir.parent, "out_dir")
     tables = {t.name: build_table(ctx, t) for t in TABLES}
     heads = build_every_head(ctx)
     new, old = filled_cells(tables) + filled_cells(heads), filled_cells_on_disk(out_dir)
     if new < old and not force:
         raise UserError(f"this report would fill {new} table cells, the one in {out_dir} fills {old} (fewer "
                         f"caches or fits under {cache_root} than last time?); {out_dir} is left as it is. Pass "
-                        "--force to replace it")
+                        "force=True to replace it")
     files = []
     with atomic_dir(out_dir) as tmp:
         for t in TABLES:
@@ -190,8 +191,8 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
         drawn, had = sum(1 for f in figs if f.files), len(list(out_dir.glob("figures/*.png")))
         if drawn < had and not force:
             raise UserError(f"this report would draw {drawn} figures, the one in {out_dir} has {had}"
-                            + (" (--no-figures)" if not figures else "") + f"; {out_dir} is left as it is. "
-                            "Pass --force to replace it")
+                            + (" (figures=False)" if not figures else "") + f"; {out_dir} is left as it is. "
+                            "Pass force=True to replace it")
         _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
         # what changes on every rerun of the same fits (when, which commit) stays out of the tracked files
         _write_text(tmp / "provenance.local.json",

@@ -36,9 +36,9 @@ def refusal(what, diff) -> str:
     msg = f"{what} was trained with a different configuration or data (have, asked): {diff}; "
     if set(diff) == {"precision"}:  # e.g. a bf16 run resumed on a CPU without native bf16
         have, want = diff["precision"]
-        return msg + (f"pass --precision {have}, or --allow-precision-change to continue it in {want} "
+        return msg + (f"pass precision={have!r}, or allow_precision_change=True to continue it in {want} "
                       "(recorded in its provenance as precision_segments)")
-    return msg + "use another --run-name or --overwrite"
+    return msg + "use another run=... or overwrite=True"
 
 
 def load_checkpoint(path: Path, cfg: dict, allow_precision_change=False) -> dict | None:
@@ -48,8 +48,8 @@ def load_checkpoint(path: Path, cfg: dict, allow_precision_change=False) -> dict
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or use "
-                        "--overwrite to retrain") from None
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or pass "
+                        "overwrite=True to retrain") from None
     diff = identity_diff(ckpt.get("identity") or {}, cfg, allow_precision_change)
     if diff:
         raise UserError(refusal(f"checkpoint {path}", diff))

@@ -79,7 +79,7 @@ class LTDataset:
 def lt_counts(n_max: int, num_classes: int, imbalance: float) -> list:
     """Per-class image counts of the exponential profile, computed exactly as LDAM-DRW does."""
     if imbalance < 1:
-        raise UserError(f"--imbalance must be >= 1 (N_max/N_min; 1 = balanced), got {imbalance}")
+        raise UserError(f"imbalance must be >= 1 (N_max/N_min; 1 = balanced), got {imbalance}")
     imb_factor = 1.0 / imbalance
     if num_classes == 1:
         return [int(n_max)]
@@ -140,7 +140,7 @@ def _decode_files(paths, size: int | None = None, resize: int | None = None, des
         img = _decode(paths[i], size, resize)
         if img.shape != first.shape:
             raise UserError(f"image {paths[i]} has size {img.shape[:2]}, expected {first.shape[:2]}; "
-                            "pass --image-size to resize all images")
+                            "pass image_size=... to resize all images")
         out[i] = img
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
@@ -221,9 +221,9 @@ def load_cifar(name: str, root, imbalance: float, subset_seed: int = SUBSET_SEED
     """
     root = Path(root)
     which = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "cifar20-lt": "cifar20"}[name]
-    if not root.exists():
-        raise UserError(f"data root {root} does not exist; point --data-root to the CIFAR python folder "
-                        f"(or an ImageFolder with train/ and test/), or add --download")
+    if not root.exists() and not download:  # with download=True torchvision creates it
+        raise UserError(f"data root {root} does not exist; pass the CIFAR python folder (or an ImageFolder with "
+                        "train/ and test/) as data_root=..., or download=True")
     n_max = CIFAR_NMAX[name]
     if (root / "train").is_dir() and (root / "test").is_dir():
         if which == "cifar20":
@@ -251,7 +251,7 @@ def load_cifar(name: str, root, imbalance: float, subset_seed: int = SUBSET_SEED
         if got is None:
             folder = "cifar-10-batches-py" if which == "cifar10" else "cifar-100-python"
             raise UserError(f"no CIFAR data in {root}: expected {root}/{folder}/ (torchvision python format) or "
-                            f"{root}/train/<class>/ + {root}/test/<class>/; add --download to fetch it")
+                            f"{root}/train/<class>/ + {root}/test/<class>/; pass download=True to fetch it")
         tx_all, ty_all, test_x_all, test_y_all, names = got
         tr_sel = _first_k_per_class(ty_all, train_limit)
         te_sel = _first_k_per_class(test_y_all, test_limit)
@@ -309,7 +309,7 @@ def load_split_files(name: str, image_root, train_file, val_file, test_file, ima
                      resize=None) -> LTDataset:
     image_root = Path(image_root)
     if not image_root.exists():
-        raise UserError(f"image root {image_root} does not exist; pass --image-root (the folder the split "
+        raise UserError(f"image root {image_root} does not exist; pass image_root=... (the folder the split "
                         "files' relative paths start from)")
     splits = {}
     for split, f in (("train", train_file), ("val", val_file), ("test", test_file)):
@@ -318,7 +318,7 @@ def load_split_files(name: str, image_root, train_file, val_file, test_file, ima
         rel, y = read_split_file(f)
         missing = [p for p in rel[:20] if not (image_root / p).exists()]
         if missing:
-            raise UserError(f"{image_root / missing[0]} (from {f}) does not exist; check --image-root")
+            raise UserError(f"{image_root / missing[0]} (from {f}) does not exist; check image_root=...")
         splits[split] = (rel, y)
     if "train" not in splits or ("test" not in splits and "val" not in splits):
         raise UserError(f"{name} needs a train split file and a test (or val) split file")
@@ -372,14 +372,14 @@ def load_dataset(name: str, data_root, imbalance: float = 100.0, subset_seed: in
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if imbalance is not None and imbalance < 1:
-        raise UserError(f"--imbalance must be >= 1 (N_max/N_min; 1 = balanced), got {imbalance}")
+        raise UserError(f"imbalance must be >= 1 (N_max/N_min; 1 = balanced), got {imbalance}")
     if data_root is None:
-        raise UserError("--data-root is required")
+        raise UserError("data_root is required")
     if name in CIFAR_DATASETS:
         return load_cifar(name, data_root, imbalance, subset_seed, download, train_limit, test_limit)
     if name == "imagefolder":
         if not Path(data_root).exists():
-            raise UserError(f"data root {data_root} does not exist; point --data-root to an ImageFolder root")
+            raise UserError(f"data root {data_root} does not exist; pass an ImageFolder root as data_root=...")
         return load_image_folder(data_root, imbalance, subset_seed, image_size)
     defaults = SPLITFILE_DATASETS[name]
     files = [Path(f) if f else (Path(data_root) / d if d else None) for f, d in zip(split_files, defaults)]

@@ -199,12 +199,13 @@ def init_distributed(device: str = "auto") -> Dist:
         return Dist(device=resolve_device(device))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device} under torchrun would put every rank on one device; use --device "
-                        "cuda (each rank takes cuda:LOCAL_RANK), cpu or auto")
+        raise UserError(f"device={device!r} under torchrun would put every rank on one device; use device='cuda' "
+                        "(each rank takes cuda:LOCAL_RANK), 'cpu' or 'auto'")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
+            raise UserError("device='cuda' asks for CUDA, but no CUDA device is available; use device='auto' or "
+                            "device='cpu'")
         if local >= torch.cuda.device_count():
             raise UserError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); start at most "
                             f"{torch.cuda.device_count()} processes per node")
@@ -230,7 +231,7 @@ def resolve_sync_bn(mode: str, backbone: str, batch_size: int, world: int) -> bo
     GPU at batch 512 on 8 GPUs -- per-GPU BN, as in Goyal et al. 2017 -- and save one all-reduce per BN
     layer per step).  Off with N > 1 changes the maths: it is part of the run identity (bn_groups)."""
     if mode not in SYNC_BN_MODES:
-        raise UserError(f"--sync-bn must be one of {', '.join(SYNC_BN_MODES)}, got {mode!r}")
+        raise UserError(f"sync_bn must be one of {', '.join(SYNC_BN_MODES)}, got {mode!r}")
     if world <= 1:
         return False
     if mode == "auto":

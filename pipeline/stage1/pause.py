@@ -25,11 +25,11 @@ def parse_duration(text) -> float:
         s += "s"
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
     if not s or not m or not any(m.groups()):
-        raise UserError(f"--time-limit must look like 2h30m, 90m, 45s or a number of seconds, got {text!r}")
+        raise UserError(f"a duration must look like 2h30m, 90m, 45s or a number of seconds, got {text!r}")
     h, mi, se = (float(g) if g else 0.0 for g in m.groups())
     total = 3600 * h + 60 * mi + se
     if total <= 0:
-        raise UserError(f"--time-limit must be > 0, got {text!r}")
+        raise UserError(f"a duration must be > 0, got {text!r}")
     return total
 
 

@@ -45,7 +45,7 @@ def _recipe(dataset: LTDataset, recipe: str | None) -> tuple[str, dict]:
     if base.pop("family") != dataset.family:
         fits = [r for r, v in RECIPES.items() if v["family"] == dataset.family]
         raise UserError(f"recipe {name!r} is for {RECIPES[name]['family']} data, but {dataset.name} is "
-                        f"{dataset.family} data; use --recipe {' or '.join(fits)}")
+                        f"{dataset.family} data; pass recipe=... with one of: {', '.join(fits)}")
     return name, base
 
 
@@ -58,7 +58,7 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
     cfg.update(recipe=name, seed=0, compile="off", eval_every=None)
     given = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in given and "iterations" in given:
-        raise UserError("give the budget as --epochs or --iterations, not both")
+        raise UserError("give the budget as epochs=... or iterations=..., not both")
     if "epochs" in given:
         cfg["iterations"] = None
     if "iterations" in given:
@@ -68,7 +68,7 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
         raise UserError(f"unknown backbone {cfg['backbone']!r}; choose one of {', '.join(MODELS)}")
     for k in ("epochs", "iterations", "batch_size"):
         if cfg.get(k) is not None and int(cfg[k]) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+            raise UserError(f"{k} must be >= 1, got {cfg[k]}")
     n = int(len(dataset.train.labels))
     steps = math.ceil(n / int(cfg["batch_size"]))
     if cfg["epochs"] is None:
@@ -101,7 +101,7 @@ def resolve_compile(compile_mode: str, device) -> bool:
     no reliable gain over eager bf16 channels_last for a minute of compilation (docs/performance.md), so
     auto leaves it off there."""
     if compile_mode not in COMPILE_MODES:
-        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if compile_mode == "auto":
         return torch.device(device).type == "cuda"
     return compile_mode == "on"
@@ -140,7 +140,7 @@ def _missing_variants(cache_path: Path, cfg: dict, methods: list, allow_precisio
     diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
     if diff:
         raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
-                        "use another --run-name / --cache-dir, or --overwrite to replace it")
+                        "use another run=... / cache_dir=..., or overwrite=True to replace it")
     missing = [m for m in methods
                if have.recorded_method(bn_recal_variant(m["data"], m["sampler"], m["passes"])) != m]
     if not missing:

@@ -11,7 +11,7 @@ from ..utils import UserError, cpu_has_bf16
 def resolve_precision(precision: str, device: torch.device) -> str:
     """bf16 autocast on GPUs that support it and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32."""
     if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

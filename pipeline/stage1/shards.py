@@ -33,7 +33,7 @@ DEVICE_HEADROOM = 0.25  # --data-on auto: the data may use at most this much les
 def resolve_data_on(mode: str, device, nbytes: int, log=print) -> str:
     """device or host for ``nbytes`` of images on ``device``, with one log line saying why."""
     if mode not in DATA_ON:
-        raise UserError(f"--data-on must be one of {', '.join(DATA_ON)}, got {mode!r}")
+        raise UserError(f"data_on must be one of {', '.join(DATA_ON)}, got {mode!r}")
     device = torch.device(device)
     gib = nbytes / 2 ** 30
     if device.type != "cuda":
@@ -48,8 +48,8 @@ def resolve_data_on(mode: str, device, nbytes: int, log=print) -> str:
             f"{total / 2 ** 30:.1f} GiB (keeping {DEVICE_HEADROOM:.0%} for the model)" +
             ("; batches stream from pinned host memory" if mode == "host" else ""))
     elif mode == "device" and nbytes > free:
-        raise UserError(f"--data-on device: this rank's images take {gib:.1f} GiB but {device} has only "
-                        f"{free / 2 ** 30:.1f} GiB free; use --data-on host (or auto), or more processes")
+        raise UserError(f"data_on='device': this rank's images take {gib:.1f} GiB but {device} has only "
+                        f"{free / 2 ** 30:.1f} GiB free; use data_on='host' (or 'auto'), or more processes")
     return mode
 
 

@@ -80,7 +80,7 @@ def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = F
     if need_val:
         if "val" not in cache.splits(variant):
             raise UserError(f"cache {cache.path} has no 'val' split, and this head selects a hyperparameter on "
-                            "the val split (never on test); give the value instead (e.g. --p 1)")
+                            "the val split (never on test); give the value instead (e.g. p=1)")
         vx, vy = cache.split("val", variant)
     C = cache.num_classes
     where = f"{cache.path} [{variant}]"
@@ -121,12 +121,12 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
         tau = spec.default_tau
     tau = float(tau)
     if not math.isfinite(tau) or tau < 0:
-        raise UserError(f"--tau must be a finite number >= 0, got {tau}")
+        raise UserError(f"tau must be a finite number >= 0, got {tau}")
     if tau != 0 and not spec.uses_tau:
-        raise UserError(f"head {head!r} does not use --tau (got {tau}); heads that do: "
+        raise UserError(f"head {head!r} does not use tau (got tau={tau:g}); heads that do: "
                         f"{sorted(n for n, h in HEADS.items() if h.uses_tau)}")
     if eval_split not in EVAL_SPLITS:
-        raise UserError(f"--eval-split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+        raise UserError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
     given = {k: v for k, v in hparams.items() if v is not None}
     check_hparams(given)
     hp = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.defaults}}
@@ -134,7 +134,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     need_val = bool(spec.needs_val(hp))
     if need_val and eval_split == "val":
         raise UserError(f"head {head!r} with these options selects a hyperparameter on the val split; "
-                        "evaluating on that same split would report a tuned number: use --eval-split test")
+                        "evaluating on that same split would report a tuned number: use eval_split='test'")
     dev = resolve_device(device)
     if not isinstance(cache, FeatureCache):
         cache = read_cache(cache)
@@ -204,7 +204,7 @@ def append_row(results_path, row: dict) -> None:
                 header = next(csv.reader(io.StringIO(old)), None)
                 if tuple(header or ()) != RESULT_COLUMNS:
                     raise UserError(f"{results_path} is not a results file of this toolkit (its columns "
-                                    f"differ); pass another --results path")
+                                    "differ); pass another results_path=...")
                 if not old.endswith("\n"):
                     old += "\n"
             else:

@@ -93,7 +93,7 @@ def check_hparams(hp: dict) -> None:
             raise UserError(f"unknown hyperparameter {k!r}; known: {sorted(HPARAM_CHECKS)}")
         msg = HPARAM_CHECKS[k](v)
         if msg:
-            raise UserError(f"--{k.replace('_', '-')} {msg}, got {v!r}")
+            raise UserError(f"{k} {msg}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
