@@ -182,7 +182,8 @@ def bn_recal_options(f):
 
 
 def _bn_recal_specs(data, sampler, passes) -> list:
-    """Every combination of the --bn-recal-* values: one re-estimation method each (dicts of config.BN_RECAL_DEFAULT's keys)."""
+    """Every combination of the --bn-recal-* values: one re-estimation method each (dicts of the keys of
+    config.BN_RECAL_DEFAULT)."""
     return [dict(data=d, sampler=s, passes=passes) for d in (data or (BN_RECAL_DEFAULT["data"],))
             for s in (sampler or (BN_RECAL_DEFAULT["sampler"],))]
 
@@ -387,6 +388,11 @@ def info(cache, as_json):
     click.echo(f"  commit {s['git_commit']}  torch {s['torch_version']}  created {s['created']}")
     for key, shape in s["shapes"].items():
         click.echo(f"  {key}: {shape[0]} x {shape[1]}")
+    for v, m in s["bn_recal_methods"].items():
+        how = ("method not recorded" if not m else
+               f"{m['data']}, {m['sampler']}, {m['passes']} pass(es), seed {m['seed']}"
+               + (" (inferred: made before methods were recorded)" if m.get("legacy") else ""))
+        click.echo(f"  {v}: BatchNorm re-estimated ({how})")
     g = s["groups"]
     click.echo(f"  classes {s['num_classes']}: Many {g['many']} / Medium {g['medium']} / Few {g['few']}; "
                f"train images {s['train_images']}")

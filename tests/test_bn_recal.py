@@ -77,7 +77,7 @@ def test_clean_method_matches_clean_population():
     xt = Shard(ds.train.images, "cpu")
     method = recal_method(dict(augment="cifar-autoaug"), data="clean", batch_size=100)
     assert method["augment"] is None
-    recalibrate_bn(model, xt, aug, method)
+    recalibrate_bn(model, xt, aug, method, ds.train.labels, 4)
     mean, var = _first_bn_input_stats(model, [aug.normalize(xt.local)])
     np.testing.assert_allclose(model.bn1.running_mean, mean, rtol=0.02, atol=0.02 * mean.abs().max().item())
     np.testing.assert_allclose(model.bn1.running_var, var, rtol=0.02)

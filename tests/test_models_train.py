@@ -151,7 +151,7 @@ def test_bn_recalibration_on_class_sorted_data_matches_population():
     model = resnet32(4)
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
     xt = Shard(ds.train.images, "cpu")
-    recalibrate_bn(model, xt, aug, recal_method(dict(augment="cifar"), data="clean", batch_size=100))
+    recalibrate_bn(model, xt, aug, recal_method(dict(augment="cifar"), data="clean", batch_size=100), y, 4)
     with torch.no_grad():
         pre = model.conv1(aug.normalize(xt.local))  # input of the first BN layer, whole training set
     mean, var = pre.mean((0, 2, 3)), pre.var((0, 2, 3))

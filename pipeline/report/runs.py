@@ -141,8 +141,9 @@ def read_results(path, fingerprint: str | dict | None = None, warnings: list | N
 
     Rows whose cache_fingerprint differs from the cache's (the cache was re-extracted since) are stale and
     dropped; ``fingerprint`` is one for every row, or a dict variant -> fingerprint (features_fingerprints:
-    a variant re-estimated since, or no longer in the cache, makes its rows stale).  "Latest" is by timestamp; equal timestamps go to the row written later in the file.  A rerun
-    of a fit has the same content-derived fit_id, so re-running deterministic fits changes no table.
+    a variant re-estimated since, or no longer in the cache, makes its rows stale).  "Latest" is by timestamp;
+    equal timestamps go to the row written later in the file.  A rerun of a fit has the same content-derived
+    fit_id, so re-running deterministic fits changes no table.
     """
     warnings = [] if warnings is None else warnings
     path = Path(path)

@@ -18,6 +18,7 @@ from .distributed import convert_sync_bn, revert_sync_bn
 from .precision import autocast
 from .shards import Shard
 
+
 @torch.no_grad()
 def predict_features(model, images_u8: torch.Tensor, aug: BatchAugment, batch=EXTRACT_BATCH, precision="fp32"):
     """Frozen penultimate features and logits (eval mode, no augmentation) of uint8 NCHW images, float32 numpy."""
@@ -71,7 +72,7 @@ def recal_batches(labels: np.ndarray, num_classes: int, method: dict, generator:
                 yield idx[s:s + bs]
 
 
-def recalibrate_bn(model, images: Shard, aug: BatchAugment, method: dict, labels=None, num_classes=None):
+def recalibrate_bn(model, images: Shard, aug: BatchAugment, method: dict, labels: np.ndarray, num_classes: int):
     """Paper A.4, as precise-BN does it: with every weight frozen, re-estimate every BatchNorm's running
     mean/var over the training set by ``method`` (:func:`recal_method`).
 
@@ -86,14 +87,10 @@ def recalibrate_bn(model, images: Shard, aug: BatchAugment, method: dict, labels
     train_aug = method["data"] == "train-aug"
     if train_aug:
         aug = aug.reseeded(method["augment"], g)
-    if labels is None:
-        if method["sampler"] == "balanced":
-            raise ValueError("the balanced sampler needs the training labels")
-        labels = np.zeros(images.n, np.int64)
     dist = images.dist
 
     def batches():
-        for idx in recal_batches(labels, num_classes or int(np.max(labels)) + 1, method, g):
+        for idx in recal_batches(labels, num_classes, method, g):
             lo, hi = dist.block(idx.numel())
             x = images.take(idx)
             yield aug(x, rows=(lo, hi, idx.numel())) if train_aug else aug.normalize(x)
@@ -109,9 +106,9 @@ def recalibrate_bn(model, images: Shard, aug: BatchAugment, method: dict, labels
 
 def extract_features(model, dataset, held: dict, aug: BatchAugment, methods=(), plain=True) -> dict:
     """features[variant][split] = (features, labels) of every split held (``held[split]``: a Shard), in fp32
-    whatever the training precision: variant ``plain`` from ``model`` (unless not ``plain``), and for each BN re-estimation method in
-    ``methods`` (:func:`recal_method` dicts) its variant (config.bn_recal_variant) from a copy of the model
-    after :func:`recalibrate_bn`.  Gathered to rank 0 (None on the other ranks).  Inside
+    whatever the training precision: variant ``plain`` from ``model`` (unless not ``plain``), and for each
+    BN re-estimation method in ``methods`` (:func:`recal_method` dicts) its variant (config.bn_recal_variant)
+    from a copy of the model after :func:`recalibrate_bn`.  Gathered to rank 0 (None on the other ranks).  Inside
     :func:`fp32_matmul`: fp32 means fp32 (no TF32 convolutions or GEMMs on CUDA, whatever the process-wide
     settings); no change on CPU."""
     def features_of(m):
