@@ -21,7 +21,7 @@ from pipeline.utils import UserError
 from .conftest import tiny_dataset, write_cifar_python
 
 
-def _sorted_dataset(n_per_class=400, size=32):
+def _sorted_dataset(n_per_class=200, size=32):
     """Class-sorted 32x32 images (as our arrays are), class-dependent brightness."""
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), n_per_class)
@@ -70,7 +70,7 @@ def test_train_aug_statistics_are_the_population_statistics_of_augmented_batches
 
 
 def test_clean_method_matches_clean_population():
-    ds = _sorted_dataset(200)
+    ds = _sorted_dataset(100)
     torch.manual_seed(0)
     model = resnet32(4)
     aug = BatchAugment(ds.mean, ds.std, torch.device("cpu"))
@@ -218,6 +218,14 @@ def test_extract_adds_a_method_to_a_finished_cache_from_its_weights(tmp_path):
     ref = predict_features(model, Shard(ds.test.images, "cpu").local, aug)[0]
     np.testing.assert_allclose(c2.split("test", "bn_recal-clean-balanced-x2")[0], ref, rtol=1e-5, atol=1e-6)
     assert not np.allclose(c2.split("test", "bn_recal")[0], ref, atol=1e-3)  # another method, other features
+    # a bn_recal made before methods were recorded (the clean-image method): extract re-estimates it
+    add_variants(path, {"bn_recal": {s: c2.split(s, "bn_recal-clean-balanced-x2") for s in ("train", "test")}},
+                 {"bn_recal": None})
+    assert read_cache(path).recorded_method("bn_recal") is None
+    logs.clear()
+    extract(ds, tmp_path, run="r", bn_recalibrate=True, **kw)
+    assert any("adding its bn_recal features" in line for line in logs), logs
+    assert read_cache(path).recorded_method("bn_recal")["data"] == "train-aug"
     # asked again: nothing to do
     logs.clear()
     extract(ds, tmp_path, run="r", bn_recalibrate=True,
