@@ -14,6 +14,7 @@ import math
 
 import pandas as pd
 
+from ..cache import describe_variant
 from .fmt import diff1, fmt1, fmt_diff
 from .latex import booktabs, tex
 from .paper import METRIC_LABEL, METRICS, TABLES, Spec, dataset_label, fmt_tau, needed_specs
@@ -162,6 +163,8 @@ def every_head_markdown(run: str, df: pd.DataFrame, ctx: ReportContext, toleranc
             vals = [f"**{t}**" if bold and t else t for t, bold in cells]
             L.append(f"| {method if i == 0 else ''} | {label} | " + " | ".join(vals) +
                      f" | {'`' + opts + '`' if i == 0 else ''} |")
+    L += [""] + [f"Feature variant `{v}`: {describe_variant(v, c.cache.variant_method(v))}."
+                 for v in c.cache.variants]
     L += ["", f"Cache fingerprint `{c.fingerprint}`; [back to the report](../README.md).", ""]
     return "\n".join(L)
 
