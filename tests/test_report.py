@@ -302,7 +302,7 @@ def test_latest_row_per_configuration_and_stale_rows(world):
     g = _cell(t5, "Global Metric + Learned NCM", "cifar10-lt", "200", "all")
     loc = _cell(t5, "Local Metric + Learned NCM", "cifar10-lt", "200", "all")
     assert g["ours"] and loc["ours"] and g["fit_ids"] != loc["fit_ids"]
-    assert any("older cache" in w for w in world["res"].warnings)
+    assert any("older features" in w for w in world["res"].warnings)
 
 
 def test_bn_variant_and_partial_seeds(world):
@@ -551,7 +551,8 @@ def test_run_all_orchestration_with_stub(tmp_path):
     assert "total time" in r.stdout and "==> [" in r.stdout
     rows10 = pd.read_csv(c10 / "results.csv")
     rows100 = pd.read_csv(c100 / "results.csv")
-    assert len(rows10) == 19 and len(rows100) == 17  # 17 plain fits, + 2 bn_recal where the cache has them
+    # 17 plain fits; where the cache has bn_recal, Table 6's 2 fits + softmax and ncm (BN_COMPARE_HEADS)
+    assert len(rows10) == 21 and len(rows100) == 17
     assert set(rows10["head"]) == {"softmax", "ncm", "learned-ncm", "multi-ncm", "local-projection",
                                    "metric-ncm", "crt", "tau-norm", "lws", "posthoc-la"}
     assert sorted(rows10.loc[rows10["head"] == "learned-ncm", "tau"].unique()) == [0, 0.0625, 0.125, 0.25, 0.5, 1]
@@ -563,7 +564,7 @@ def test_run_all_orchestration_with_stub(tmp_path):
     # rerun (quick, to keep the test short): new rows are appended, the tables do not change
     r = subprocess.run(cmd + ["--quick"], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert len(pd.read_csv(c10 / "results.csv")) == 19 + 3
+    assert len(pd.read_csv(c10 / "results.csv")) == 21 + 3
     for t in rp.TABLES:
         assert (tmp_path / "rep" / f"{t.name}.csv").read_bytes() == first[t.name], t.name
     # a failing step stops the script with a non-zero status that names it
@@ -630,7 +631,11 @@ def test_list_fits_is_the_tables_and_figures_needs(world):
         "--head softmax", "--head learned-ncm --tau 0.125", "--head metric-ncm --metric local",
         "--head learned-ncm --variant bn_recal", "--head posthoc-la --tau 1", "--head learned-ncm --tau 0.0625",
         "--head local-projection", "--head tau-norm"}
-    assert len(by_cache["cifar10-lt-b100-synthetic-s0"]) == len(needed_specs())
+    # + softmax and ncm on bn_recal: the heads that compare BN re-estimation methods (learned-ncm and multi-ncm
+    # on bn_recal are Table 6's)
+    assert len(by_cache["cifar10-lt-b100-synthetic-s0"]) == len(needed_specs()) + 2
+    assert {"--head softmax --variant bn_recal", "--head ncm --variant bn_recal"} <= set(
+        by_cache["cifar10-lt-b100-synthetic-s0"])
     assert not any("bn_recal" in a for a in by_cache["cifar10-lt-b200-synthetic-s0"])  # no BN features there
     q = CliRunner().invoke(cli, ["report", "--cache-root", str(world["root"]), "--list-fits", "--quick"])
     assert len(q.output.strip().splitlines()) == 3 * len(by_cache)
