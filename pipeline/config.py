@@ -167,6 +167,11 @@ def bn_recal_variant(data: str, sampler: str, passes: int) -> str:
     return f"bn_recal-{data}-{sampler}-x{int(passes)}"
 
 
+def method_variant(method: dict) -> str:
+    """The variant name of a method dict (its data, sampler and passes; other keys are ignored)."""
+    return bn_recal_variant(method["data"], method["sampler"], method["passes"])
+
+
 def bn_recal_method(variant: str) -> dict | None:
     """The method a variant name stands for (None for "plain" or a name that is no variant)."""
     if variant == "bn_recal":

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import torch
 
-from ..config import BN_RECAL_DEFAULT, BN_RECAL_SEED, EXTRACT_BATCH, bn_recal_variant
+from ..config import BN_RECAL_DEFAULT, BN_RECAL_SEED, EXTRACT_BATCH, bn_recal_variant, method_variant
 from ..metrics import evaluate
 from ..sampling import BalancedSampler
 from ..utils import fp32_matmul
@@ -118,8 +118,7 @@ def extract_features(model, dataset, held: dict, aug: BatchAugment, methods=(), 
     with fp32_matmul():
         features = {"plain": features_of(model)} if plain else {}
         for method in methods:
-            variant = bn_recal_variant(method["data"], method["sampler"], method["passes"])
             recal = recalibrate_bn(copy.deepcopy(model), held["train"], aug, method,
                                    dataset.splits()["train"].labels, dataset.num_classes)
-            features[variant] = features_of(recal)
+            features[method_variant(method)] = features_of(recal)
     return features

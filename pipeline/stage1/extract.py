@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..cache import fingerprint, weights_sha256, write_cache
-from ..config import ACCURACY_KEYS, BN_RECAL_DEFAULT, bn_recal_variant
+from ..config import ACCURACY_KEYS, BN_RECAL_DEFAULT, method_variant
 from ..utils import git_commit, now_iso, resolve_device, sha256_file
 from .augment import BatchAugment
 from .checkpoint import CHECKPOINT_FILE, CURVE_COLUMNS
@@ -71,7 +71,7 @@ def extract(dataset: LTDataset, cache_dir="cache", run=None, device="auto", prec
     if dist.is_main:  # rank 0 alone writes the cache; the others wait until it is in place
         provenance = run_provenance(dataset, plan, model, rows, commit, dev, deterministic, train_seconds,
                                     dist, on)
-        methods = {bn_recal_variant(m["data"], m["sampler"], m["passes"]): m for m in plan.methods}
+        methods = {method_variant(m): m for m in plan.methods}
         write_run_cache(plan.cache_path, dataset, model, features, rows, provenance, methods)
         log(f"wrote {plan.cache_path} (fingerprint {fingerprint(provenance)}; variants {sorted(features)})")
     dist.barrier()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..cache import CACHE_FILE, read_cache, run_name
-from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY, bn_recal_variant
+from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY, method_variant
 from ..utils import UserError, check_writable_dir
 from .checkpoint import CHECKPOINT_FILE, CURVE_FILE, identity_diff
 from .data import LTDataset
@@ -126,28 +126,27 @@ class Plan:
     run_dir: Path
     done: bool           # the run's cache exists (nothing to train)
     methods: list = field(default_factory=list)  # BN re-estimation methods asked (evaluate.recal_method dicts)
-    recal: list = field(default_factory=list)    # those of them a finished cache still lacks: added from its weights
+    recal: list = field(default_factory=list)    # the specs of those a finished cache lacks: added from its weights
 
     @property
     def cache_path(self) -> Path:
         return self.run_dir / CACHE_FILE
 
 
-def _missing_variants(cache_path: Path, cfg: dict, methods: list, allow_precision_change, log) -> list:
-    """The BN re-estimation methods whose variant the existing cache lacks (or holds made another way); an
-    existing cache of another identity is refused."""
+def _missing_variants(cache_path: Path, cfg: dict, specs: list, methods: list, allow_precision_change,
+                      log) -> list:
+    """The specs of the BN re-estimation methods (``methods[i]`` resolved from ``specs[i]``) whose variant the
+    existing cache lacks (or holds made another way); an existing cache of another identity is refused."""
     have = read_cache(cache_path)
     diff = identity_diff(have.provenance.get("config", {}), cfg, allow_precision_change)
     if diff:
         raise UserError(f"{cache_path} exists with a different provenance or data (have, asked): {diff}; "
                         "use another run=... / cache_dir=..., or overwrite=True to replace it")
-    missing = [m for m in methods
-               if have.recorded_method(bn_recal_variant(m["data"], m["sampler"], m["passes"])) != m]
+    missing = [spec for spec, m in zip(specs, methods) if have.recorded_method(method_variant(m)) != m]
     if not missing:
         log(f"cache {cache_path} is up to date (fingerprint {have.fingerprint}); nothing to do")
-    for m in missing:
-        log(f"cache {cache_path}: adding its {bn_recal_variant(m['data'], m['sampler'], m['passes'])} features "
-            f"from the weights it holds")
+    for spec in missing:
+        log(f"cache {cache_path}: adding its {method_variant(spec)} features from the weights it holds")
     return missing
 
 
@@ -163,7 +162,7 @@ def plan_run(dataset: LTDataset, cache_dir, run, device, precision: str, dist: D
     run_dir = check_writable_dir(Path(cache_dir) / name)
     plan = Plan(cfg, sync, run_dir, False, [recal_method(cfg, **spec) for spec in bn_recal])
     if plan.cache_path.exists() and not overwrite:
-        plan.recal = _missing_variants(plan.cache_path, cfg, plan.methods, allow_precision_change, log)
+        plan.recal = _missing_variants(plan.cache_path, cfg, bn_recal, plan.methods, allow_precision_change, log)
         plan.done = True
     if overwrite:
         for p in (run_dir / CHECKPOINT_FILE, run_dir / CURVE_FILE):

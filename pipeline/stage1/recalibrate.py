@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, add_variants, provenance_config, read_cache, weights_sha256
-from ..config import BN_RECAL_DEFAULT, bn_recal_variant
+from ..config import BN_RECAL_DEFAULT, method_variant
 from ..utils import UserError, resolve_device
 from .augment import BatchAugment
 from .checkpoint import CHECKPOINT_FILE
@@ -69,14 +69,14 @@ def recalibrate_cache(cache, dataset: LTDataset, specs=None, device="auto", data
         raise UserError(f"the images given are not those {c.path} was made from (data_hash differs); point the "
                         "data root at the run's data")
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    methods = [m if "seed" in m else recal_method(cfg, **m) for m in (specs or [BN_RECAL_DEFAULT])]
+    methods = [recal_method(cfg, **spec) for spec in (specs or [BN_RECAL_DEFAULT])]
     model = model_from_cache(c, dev)
     on = resolve_data_on(data_on, dev, sum(sp.images.nbytes for sp in dataset.splits().values()), log)
     held = {s: Shard(sp.images, dev, on) for s, sp in dataset.splits().items()}
     aug = BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg.get("image_size"))
     features, named = {}, {}
     for m in methods:  # one at a time: a line each (minutes per method for CIFAR on a CPU)
-        t, v = time.time(), bn_recal_variant(m["data"], m["sampler"], m["passes"])
+        t, v = time.time(), method_variant(m)
         features.update(extract_features(model, dataset, held, aug, [m], plain=False))
         named[v] = m
         log(f"{v}: BatchNorm re-estimated ({m['data']}, {m['sampler']}, {m['passes']} pass(es)) and "
