@@ -90,5 +90,7 @@ def test_tsne_classes_and_embedding_deterministic():
     e2, _, _ = analysis.tsne_embed(x, y, (2, 0, 1), max_per_class=30, random_state=0)
     assert e1.shape == (70, 2) and len(l1) == 70 and (np.bincount(l1) == [30, 30, 10]).all()
     np.testing.assert_allclose(e1, e2)
+    e3, l3, i3 = analysis.tsne_embed_start(x, y, (2, 0, 1), max_per_class=30, random_state=0).result()
+    assert np.array_equal(e3, e1) and np.array_equal(l3, l1) and np.array_equal(i3, i1)  # the report's thread
     sp = analysis.spread(e1, l1)
     assert set(sp) == {0, 1, 2}

@@ -112,15 +112,23 @@ def _artifact(c, row):
 # ----------------------------------------------------------------------------------------------------
 # The figures
 
-def fig_tsne(ctx: ReportContext, figdir, per_class=300) -> FigureResult:
-    fr = FigureResult("fig1", "Figure 1: t-SNE of one tail and two head classes")
+def start_tsne(ctx: ReportContext, per_class=300):
+    """Figure 1's t-SNE started in the background: fig_tsne(..., started=) draws it after the other figures."""
     for g in ctx.pref_groups([("cifar10-lt", 200.0), ("cifar10-lt", 100.0), ("cifar10-lt", 10.0)]):
         c = g.caches[0]
-        if c.cache.num_classes < 3:
-            continue
-        x, y = c.cache.split("train", "plain")
-        tail, h1, h2 = analysis.tsne_classes(c.cache.train_counts)
-        emb, lab, idx = analysis.tsne_embed(x, y, (tail, h1, h2), max_per_class=per_class, random_state=0)
+        if c.cache.num_classes >= 3:
+            classes = analysis.tsne_classes(c.cache.train_counts)
+            x, y = c.cache.split("train", "plain")
+            return g, c, classes, analysis.tsne_embed_start(x, y, classes, max_per_class=per_class, random_state=0)
+    return None
+
+
+def fig_tsne(ctx: ReportContext, figdir, per_class=300, started=None) -> FigureResult:
+    fr = FigureResult("fig1", "Figure 1: t-SNE of one tail and two head classes")
+    started = start_tsne(ctx, per_class) if started is None else started
+    if started:
+        g, c, (tail, h1, h2), future = started
+        emb, lab, idx = future.result()
         names = c.cache.class_names
         counts = c.cache.train_counts
         plt = _plt()
@@ -405,11 +413,15 @@ FIG_FILES = ("fig1_tsne", "fig2_variance_cifar10-lt", "fig7_variance_cifar100-lt
 def build_figures(ctx: ReportContext, out_dir: Path, tsne_per_class=300) -> list:
     figdir = out_dir / "figures"
     figdir.mkdir(parents=True, exist_ok=True)  # a fresh folder (build_report swaps it in when complete)
-    jobs = [("fig1", lambda: fig_tsne(ctx, figdir, tsne_per_class))]
-    for fig, ds, label in VAR_FIGS:
-        jobs.append((fig, lambda fig=fig, ds=ds, label=label: fig_variance(ctx, figdir, fig, ds, label)))
+    try:  # computed while the other figures are drawn, drawn last
+        tsne = start_tsne(ctx, tsne_per_class)
+    except (ValueError, UserError, np.linalg.LinAlgError):
+        tsne = None  # fig_tsne starts it again in its job below, which reports the error
+    jobs = [(fig, lambda fig=fig, ds=ds, label=label: fig_variance(ctx, figdir, fig, ds, label))
+            for fig, ds, label in VAR_FIGS]
     jobs += [("fig3", lambda: fig_local_projection(ctx, figdir)), ("fig4", lambda: fig_learning_curve(ctx, figdir)),
-             ("fig5", lambda: fig_tau(ctx, figdir)), ("fig6", lambda: fig_centroids(ctx, figdir))]
+             ("fig5", lambda: fig_tau(ctx, figdir)), ("fig6", lambda: fig_centroids(ctx, figdir)),
+             ("fig1", lambda: fig_tsne(ctx, figdir, tsne_per_class, started=tsne))]
     results = []
     for name, job in jobs:
         try:

@@ -21,26 +21,54 @@ def train_sgd(params, batch_loss, data: HeadData, hp: dict, gen: torch.Generator
     the lr per epoch to 0 (Decoupling's schedule).
     """
     tensors = (data.train_x, data.train_y) if tensors is None else tensors
-    opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=weight_decay)
+    step = SGDStep(params, hp["momentum"], weight_decay, clip)
+    lr = hp["lr"]
     sampler = BalancedSampler(data.train_y, data.num_classes, gen)
     n, bs, epochs = data.train_x.shape[0], hp["batch_size"], hp["epochs"]
     losses = []
     for epoch in range(epochs):
         if cosine:
-            for g in opt.param_groups:
-                g["lr"] = 0.5 * hp["lr"] * (1 + math.cos(math.pi * epoch / epochs))
+            lr = 0.5 * hp["lr"] * (1 + math.cos(math.pi * epoch / epochs))
         idx = sampler.draw(n)
         total = torch.zeros((), device=data.device)
         for batch in zip(*(t[idx].split(bs) for t in tensors)):
             loss = batch_loss(*batch)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
+            step(lr)
             total += loss.detach() * batch[0].shape[0]  # stays on the device: no sync per step
         losses.append(float(total) / n)
         if on_epoch is not None:
             on_epoch(epoch + 1)
     return np.asarray(losses, dtype=np.float64)
 
+
+
+class SGDStep:
+    """``clip_grad_norm_(params, clip)`` then ``torch.optim.SGD(params, lr, momentum, weight_decay).step()``
+    and ``zero_grad``, as the same tensor ops (bit-identical: tests/test_sgd_step.py).  Why not the library:
+    a head has 1-2 small tensors, so its Python wrappers (~0.5 ms a step) cost more than the step's maths
+    over the ~600 steps of a fit, and the first ``torch.optim.SGD`` of a process imports torch._dynamo (~2 s);
+    benchmarks/sgd_step.py measures it."""
+
+    def __init__(self, params, momentum: float, weight_decay: float = 0.0, clip: float | None = None):
+        self.params, self.momentum, self.weight_decay, self.clip = list(params), momentum, weight_decay, clip
+        self.bufs = None  # momentum buffers, created from the first step's gradients as torch does
+
+    @torch.no_grad()
+    def __call__(self, lr: float):
+        grads = [p.grad for p in self.params]
+        if self.clip is not None:  # clip_grad_norm_: total 2-norm over all gradients, scale capped at 1
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+            torch._foreach_mul_(grads, torch.clamp(self.clip / (total + 1e-6), max=1.0))
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+        if self.momentum:
+            if self.bufs is None:
+                self.bufs = [g.clone() for g in grads]
+            else:
+                torch._foreach_mul_(self.bufs, self.momentum)
+                torch._foreach_add_(self.bufs, grads)
+            grads = self.bufs
+        torch._foreach_add_(self.params, grads, alpha=-lr)
+        for p in self.params:
+            p.grad = None
