@@ -711,3 +711,29 @@ def test_pick_row_treats_matmul_as_a_computation_detail():
              _ts=pd.Timestamp("2026-02-01"), _order=1, acc=2),
     ])
     assert pick_row(rows, Spec("learned-ncm"))["acc"] == 2
+
+
+def test_best_test_epoch_is_the_first_maximum_of_the_evaluated_epochs():
+    from pipeline.report.readme import best_test_epoch
+    nan = float("nan")
+    lc = dict(epoch=np.arange(1, 9), all=np.array([nan, 50.0, nan, 61.0, nan, 61.0, 58.0, nan]),
+              many=np.array([nan, 70.0, nan, 75.0, nan, 74.0, 73.0, nan]),
+              medium=np.array([nan, 20.0, nan, 35.0, nan, 36.0, 30.0, nan]), few=np.full(8, nan))
+    b = best_test_epoch(lc)
+    assert b["evaluated"] == 4
+    assert b["final"]["epoch"] == 7 and b["final"]["all"] == 58.0 and b["final"]["medium"] == 30.0
+    assert b["best"]["epoch"] == 4 and b["best"]["many"] == 75.0  # ties: the first, as BALMS keeps it
+    assert np.isnan(b["best"]["few"])
+    assert best_test_epoch(dict(epoch=np.arange(1, 3), all=np.full(2, nan))) is None
+    assert best_test_epoch({}) is None
+
+
+def test_readme_shows_final_and_optimistic_best_epoch(world):
+    readme = (world["out"] / "README.md").read_text()
+    sec = readme.split("### Stage-1 classifier: final epoch vs best test epoch")[1].split("##")[0]
+    assert "optimistic" in sec
+    c = read_cache(world["c10"])
+    lc = c.learning_curve()
+    last = len(lc["epoch"])  # the synthetic curves rise every epoch: best = final
+    row = [ln for ln in sec.splitlines() if f"`{world['c10'].name}`" in ln][0]
+    assert f"| {last} of {last} | {last} | 60.0 / 80.0 / 50.0 / 30.0 | {last} | 60.0 / 80.0 / 50.0 / 30.0 | +0.0 |" in row

@@ -2,11 +2,13 @@
 miss, the figures inline, and the commands for everything not run."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from .. import __version__
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
 from .runs import ReportContext, budget, inputs_digest
+from .fmt import diff1, fmt1, fmt_diff
 from .tables import missing_commands, wide_markdown
 
 
@@ -23,6 +25,44 @@ def _machine(c) -> str:
 def _recipe_flag(c) -> str:
     devs = c.recipe_deviations()
     return budget(c) + (f" **⚠ NOT THE PAPER'S RECIPE** ({'; '.join(devs)})" if devs else "")
+
+
+def best_test_epoch(lc: dict) -> dict | None:
+    """The stage-1 learning curve's last evaluated epoch (our protocol: the final model) and its first epoch
+    of highest All test accuracy (BALMS's protocol: the checkpoint chosen on the test set, so optimistic);
+    None when no epoch was evaluated.  Each: epoch and All/Many/Medium/Few (NaN where a group is empty)."""
+    acc = np.asarray(lc.get("all", []), dtype=float)
+    ev = np.flatnonzero(np.isfinite(acc))
+    if not len(ev):
+        return None
+
+    def at(i):
+        return {"epoch": int(lc["epoch"][i]), **{m: float(np.asarray(lc[m], dtype=float)[i]) if m in lc
+                                                 else float("nan") for m in ("all", "many", "medium", "few")}}
+    return {"evaluated": len(ev), "final": at(ev[-1]), "best": at(ev[int(np.argmax(acc[ev]))])}
+
+
+def _best_epoch_section(infos) -> list:
+    rows = []
+    for c in sorted(infos, key=lambda c: c.run):
+        b = best_test_epoch(c.cache.learning_curve() or {})
+        if b is None:
+            continue
+        f1 = [fmt1(b[k][m]) or "n/a" for k in ("final", "best") for m in ("all", "many", "medium", "few")]
+        rows.append(f"| `{c.run}` | {b['evaluated']} of {c.epochs} | {b['final']['epoch']} | "
+                    f"{' / '.join(f1[:4])} | {b['best']['epoch']} | {' / '.join(f1[4:])} | "
+                    f"{fmt_diff(diff1(b['best']['all'], b['final']['all']))} |")  # between the shown values
+    if not rows:
+        return []
+    return ["### Stage-1 classifier: final epoch vs best test epoch", "",
+            "From each cache's learning curve (test accuracy evaluated during training, in the training "
+            "precision). The tables use the **final epoch** (the model is the last one; no choice on the test "
+            "set). BALMS's code, which the paper's stage 1 follows, reports the epoch of best test accuracy: "
+            "that number is **optimistic** (chosen on the test set) and is shown here only to compare. Both come "
+            "from the curve, so they compare like with like; the tables' Softmax (the same final classifier on "
+            "the cache's fp32 features) can differ from the curve's last point by a few tenths.", "",
+            "| run | epochs evaluated | final epoch | All / Many / Med / Few | best test epoch (optimistic) | "
+            "All / Many / Med / Few | best − final (All) |", "|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None) -> str:
@@ -66,6 +106,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
                      f"({', '.join(str(c.seed) for c in g.caches)}) averaged: mean ± std (ddof=1).")
         if multi:
             L.append("")
+        L += _best_epoch_section(infos)
     else:
         L += [f"No caches under `{cache_root}/`: every table cell below is \"not run\".", ""]
     # headline
