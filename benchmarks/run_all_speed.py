@@ -23,9 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
+from baseline import baseline_checkout  # benchmarks/baseline.py
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = ["fit_id", "head", "variant", "tau", "hparams", "acc_all", "acc_many", "acc_medium", "acc_few"]
@@ -57,15 +59,6 @@ def run(mode: str, root: Path, out: Path, args, checkout: Path = REPO) -> float:
     return dt
 
 
-def checkout(rev: str, tmp: Path) -> Path:
-    """A directory holding ``rev``: the path itself when it is a checkout, else a detached worktree in tmp."""
-    if Path(rev).is_dir():
-        return Path(rev).resolve()
-    path = tmp / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), rev], cwd=REPO, check=True)
-    return path
-
-
 def rows(root: Path) -> pd.DataFrame:
     frames = [pd.read_csv(p, dtype=str, keep_default_na=False)[KEY].assign(run=p.parent.name)
               for p in sorted(root.glob("*/results.csv"))]
@@ -93,13 +86,9 @@ def main(argv=None):
     print(f"caches: {', '.join(p.parent.name for p in sorted(args.cache_root.glob('*/features.h5')))}; "
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
     times = {"old": [], "new": []}
-    with tempfile.TemporaryDirectory(prefix="run_all_speed-") as tmp:
-        old_checkout = checkout(args.baseline, Path(tmp)) if args.baseline else REPO
-        try:
-            same = rounds(args, Path(tmp), old_checkout, times)
-        finally:
-            if old_checkout != REPO and not Path(args.baseline).is_dir():
-                subprocess.run(["git", "worktree", "remove", "--force", str(old_checkout)], cwd=REPO, check=False)
+    with tempfile.TemporaryDirectory(prefix="run_all_speed-") as tmp, \
+            (baseline_checkout(args.baseline) if args.baseline else nullcontext(REPO)) as old_checkout:
+        same = rounds(args, Path(tmp), old_checkout, times)
     print(f"medians: old {statistics.median(times['old']):.1f} s, new {statistics.median(times['new']):.1f} s")
     old, new = min(times["old"]), min(times["new"])
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_jpegs(root: Path, images: int, classes: int, test_per_class: int, side: int, seed: int = 0):
     """An ImageFolder of random smooth JPEGs (q90), ~side x 1.25 side, train/<class>/ and test/<class>/."""
-    import numpy as np
     from concurrent.futures import ProcessPoolExecutor
     jobs = [("train", c, i) for c in range(classes) for i in range(images // classes + (c < images % classes))]
     jobs += [("test", c, i) for c in range(classes) for i in range(test_per_class)]

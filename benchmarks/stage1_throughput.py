@@ -33,12 +33,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from baseline import baseline_checkout  # benchmarks/baseline.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,15 +295,6 @@ def main(argv=None):
               f"step: {res['resident', True] / res['resident', False]:.2f}x")
 
 
-def _checkout(rev: str, tmp: Path) -> Path:
-    """A directory holding `rev`: the path itself when it is a checkout, else a detached worktree in tmp."""
-    if Path(rev).is_dir():
-        return Path(rev).resolve()
-    path = tmp / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), rev], cwd=REPO, check=True)
-    return path
-
-
 def compare(args, argv):
     """--baseline: time our loop in this checkout and in the baseline, alternately, in fresh processes."""
     strip = {"--baseline", "--rounds"}
@@ -316,26 +307,21 @@ def compare(args, argv):
             skip = "=" not in a
             continue
         rest.append(a)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = _checkout(args.baseline, Path(tmp))
-        try:
-            rates = {"this checkout": [], f"baseline {args.baseline}": []}
-            pairs = list(zip(rates, (REPO, base)))
-            for r in range(args.rounds):
-                # alternate which checkout goes first: a warming machine must not favour one side
-                for (label, root) in (pairs if r % 2 == 0 else pairs[::-1]):
-                    env = dict(os.environ, PYTHONPATH=str(root))
-                    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--only-ours", *rest],
-                                         cwd=root, env=env, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        sys.exit(f"{label} failed:\n{out.stdout}\n{out.stderr}")
-                    got = json.loads(out.stdout.strip().splitlines()[-1])
-                    rates[label].append(got["images_per_s"])
-                    print(f"round {r + 1}: {label:>24} {got['images_per_s']:8.1f} images/s  ({got['pipeline']})",
-                          flush=True)
-        finally:
-            if base.parent == Path(tmp):
-                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    with baseline_checkout(args.baseline) as base:
+        rates = {"this checkout": [], f"baseline {args.baseline}": []}
+        pairs = list(zip(rates, (REPO, base)))
+        for r in range(args.rounds):
+            # alternate which checkout goes first: a warming machine must not favour one side
+            for (label, root) in (pairs if r % 2 == 0 else pairs[::-1]):
+                env = dict(os.environ, PYTHONPATH=str(root))
+                out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--only-ours", *rest],
+                                     cwd=root, env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{label} failed:\n{out.stdout}\n{out.stderr}")
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                rates[label].append(got["images_per_s"])
+                print(f"round {r + 1}: {label:>24} {got['images_per_s']:8.1f} images/s  ({got['pipeline']})",
+                      flush=True)
     (a_label, a), (b_label, b) = rates.items()
     print(f"our loop, median of {args.rounds}: this checkout {statistics.median(a):.1f} images/s, "
           f"{b_label} {statistics.median(b):.1f} images/s; ratio this/baseline "
