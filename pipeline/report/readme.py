@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from .fmt import diff1, fmt1, fmt_diff
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
 from .runs import ReportContext, budget, inputs_digest
-from .fmt import diff1, fmt1, fmt_diff
 from .tables import missing_commands, wide_markdown
 
 

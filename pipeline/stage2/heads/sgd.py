@@ -42,13 +42,12 @@ def train_sgd(params, batch_loss, data: HeadData, hp: dict, gen: torch.Generator
     return np.asarray(losses, dtype=np.float64)
 
 
-
 class SGDStep:
     """``clip_grad_norm_(params, clip)`` then ``torch.optim.SGD(params, lr, momentum, weight_decay).step()``
     and ``zero_grad``, as the same tensor ops (bit-identical: tests/test_sgd_step.py).  Why not the library:
-    a head has 1-2 small tensors, so its Python wrappers (~0.5 ms a step) cost more than the step's maths
-    over the ~600 steps of a fit, and the first ``torch.optim.SGD`` of a process imports torch._dynamo (~2 s);
-    benchmarks/sgd_step.py measures it."""
+    a head has 1-2 small tensors, so the library's Python wrappers are ~0.2 ms of a ~0.8 ms learned-NCM step
+    on CPU, and the first ``torch.optim.SGD`` of a process imports torch._dynamo (~2 s); benchmarks/sgd_step.py
+    measures both.  Every parameter must get a gradient at every step (those of every head here do)."""
 
     def __init__(self, params, momentum: float, weight_decay: float = 0.0, clip: float | None = None):
         self.params, self.momentum, self.weight_decay, self.clip = list(params), momentum, weight_decay, clip
