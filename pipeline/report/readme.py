@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from .fmt import diff1, fmt1, fmt_diff
+from .fmt import diff1, fmt_diff
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
 from .runs import ReportContext, budget, inputs_digest
 from .tables import missing_commands, wide_markdown
@@ -48,21 +48,18 @@ def _best_epoch_section(infos) -> list:
         b = best_test_epoch(c.cache.learning_curve() or {})
         if b is None:
             continue
-        f1 = [fmt1(b[k][m]) or "n/a" for k in ("final", "best") for m in ("all", "many", "medium", "few")]
-        rows.append(f"| `{c.run}` | {b['evaluated']} of {c.epochs} | {b['final']['epoch']} | "
-                    f"{' / '.join(f1[:4])} | {b['best']['epoch']} | {' / '.join(f1[4:])} | "
-                    f"{fmt_diff(diff1(b['best']['all'], b['final']['all']))} |")  # between the shown values
+        gain = [fmt_diff(diff1(b["best"][m], b["final"][m])) or "n/a" for m in ("all", "many", "medium", "few")]
+        rows.append(f"| `{c.run}` | {b['evaluated']} of {c.epochs} | {b['final']['epoch']} | {b['best']['epoch']} | "
+                    f"{' / '.join(gain)} |")
     if not rows:
         return []
     return ["### Stage-1 classifier: final epoch vs best test epoch", "",
-            "From each cache's learning curve (test accuracy evaluated during training, in the training "
-            "precision). The tables use the **final epoch** (the model is the last one; no choice on the test "
-            "set). BALMS's code, which the paper's stage 1 follows, reports the epoch of best test accuracy: "
-            "that number is **optimistic** (chosen on the test set) and is shown here only to compare. Both come "
-            "from the curve, so they compare like with like; the tables' Softmax (the same final classifier on "
-            "the cache's fp32 features) can differ from the curve's last point by a few tenths.", "",
-            "| run | epochs evaluated | final epoch | All / Many / Med / Few | best test epoch (optimistic) | "
-            "All / Many / Med / Few | best − final (All) |", "|---|---|---|---|---|---|---|"] + rows + [""]
+            "The tables' Softmax is the **final epoch** (the model is the last one; nothing is chosen on the test "
+            "set). BALMS's code, which the paper's stage 1 follows, reports the epoch of best test accuracy, which "
+            "is **optimistic** (chosen on the test set). What that choice would add, from each cache's learning "
+            "curve (test accuracy evaluated during training, in the training precision; one-decimal values):", "",
+            "| run | epochs evaluated | final epoch | best test epoch (optimistic) | best − final: All / Many / Med "
+            "/ Few |", "|---|---|---|---|---|"] + rows + [""]
 
 
 def on_paper_recipe(cells: pd.DataFrame, infos) -> pd.Series:
