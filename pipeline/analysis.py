@@ -161,20 +161,6 @@ def tsne_embed(x, y, classes, max_per_class: int = 300, random_state: int = 0, p
 
     Returns (embedding [n, 2], labels [n], indices into x [n]).  Deterministic for a fixed random_state.
     """
-    return _tsne_embed(x, y, classes, max_per_class, random_state, perplexity)
-
-
-def tsne_embed_start(x, y, classes, max_per_class: int = 300, random_state: int = 0, perplexity: float = 30.0):
-    """:func:`tsne_embed` in a background thread: a Future of its result.  The report draws the other figures
-    meanwhile; sklearn's Barnes-Hut gradient runs without the GIL, on the core matplotlib leaves idle."""
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tsne")
-    future = pool.submit(_tsne_embed, x, y, classes, max_per_class, random_state, perplexity)
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    return future
-
-
-def _tsne_embed(x, y, classes, max_per_class, random_state, perplexity):
     from sklearn.manifold import TSNE
     x = np.asarray(x)
     y = np.asarray(y)
@@ -192,6 +178,16 @@ def _tsne_embed(x, y, classes, max_per_class, random_state, perplexity):
     emb = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto",
                random_state=random_state).fit_transform(np.asarray(x[idx], dtype=np.float64))
     return emb, y[idx], idx
+
+
+def tsne_embed_start(x, y, classes, max_per_class: int = 300, random_state: int = 0, perplexity: float = 30.0):
+    """:func:`tsne_embed` in a background thread: a Future of its result.  The report draws the other figures
+    meanwhile; sklearn's Barnes-Hut gradient runs without the GIL, on the core matplotlib leaves idle."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tsne")
+    future = pool.submit(tsne_embed, x, y, classes, max_per_class, random_state, perplexity)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future
 
 
 def spread(emb, labels) -> dict:

@@ -119,7 +119,6 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
           wide_markdown(tables["table2"]), ""]
     # reproduction summary
     allc = pd.concat(tables.values(), ignore_index=True)
-    paper = on_paper_recipe(allc, infos)
     L += ["## Which paper cells we reproduce", "",
           f"Tolerance: |ours − paper| ≤ {tolerance:g} point (All/Many/Medium/Few accuracy, %). The last two "
           "columns count only the cells whose every stage-1 run has the paper's recipe and budget: the "
@@ -127,11 +126,11 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
           "| table | reproduced | missed | not run | ours only | literature / unmapped | reproduced, paper's recipe "
           "| missed, paper's recipe |", "|---|---|---|---|---|---|---|---|"]
     for name, df in tables.items():
-        st, pr = df["status"], paper[allc["table"] == name].to_numpy()
+        st, pr = df["status"], on_paper_recipe(df, infos)
         L.append(f"| [{name}]({name}.md) | {(st == 'reproduced').sum()} | {(st == 'missed').sum()} | "
                  f"{(st == 'not run').sum()} | {st.str.startswith('ours only').sum() + (st == 'empty group').sum()} | "
                  f"{st.str.startswith('literature').sum() + st.str.startswith('paper only').sum()} | "
-                 f"{((st == 'reproduced').to_numpy() & pr).sum()} | {((st == 'missed').to_numpy() & pr).sum()} |")
+                 f"{((st == 'reproduced') & pr).sum()} | {((st == 'missed') & pr).sum()} |")
     L.append("")
     for label, status in (("Reproduced", "reproduced"), ("Missed", "missed")):
         sel = allc[allc["status"] == status].copy()
