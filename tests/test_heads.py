@@ -211,6 +211,39 @@ def test_multi_ncm_reuses_the_learned_ncm_centroids(cache):
     assert np.abs(multi.params["displacements"]).max() > 0
 
 
+def test_a_fit_head_memo_gives_multi_ncm_the_learned_ncm_centroids_only_when_they_are_the_same(tmp_path, monkeypatch):
+    """run_plan's memo: multi-ncm takes the centroids of an earlier learned-ncm fit on the same features with
+    the same tau / seed / SGD hyperparameters (not refitted), refits them otherwise, and its results equal a
+    fit without the memo bit for bit; its fit_seconds still counts the centroid fit."""
+    import time
+    from pipeline.stage2.heads import ncm
+    cache = read_cache(make_synthetic_cache(tmp_path / "features.h5", **dict(HARD, bn_recal=True, n_test=20)))
+    calls, real = [], ncm.fit_learned_ncm
+
+    def counted(*a, **k):  # every centroid fit takes >= 0.2 s, so a reused one shows in fit_seconds
+        calls.append(a[2])
+        time.sleep(0.2)
+        return real(*a, **k)
+    monkeypatch.setattr(ncm, "fit_learned_ncm", counted)
+    memo, kw = {}, dict(seed=3, epochs=3, num_centroids=4)
+    fit_head(cache, "learned-ncm", tau=0.125, memo=memo, seed=3, epochs=3)
+    assert calls == [0.125]
+    hits = []
+    for variant, tau, over in [("plain", 0.125, {}), ("plain", 0.0, {}), ("plain", 0.125, dict(lr=2.0)),
+                               ("plain", 0.125, dict(seed=4)), ("bn_recal", 0.125, {}), ("plain", 0.0, {})]:
+        n = len(calls)
+        a = fit_head(cache, "multi-ncm", variant=variant, tau=tau, memo=memo, **{**kw, **over})
+        hits.append(len(calls) == n)
+        assert a.fit_seconds >= 0.2  # fitted now or reused: the centroid fit is counted either way
+        b = fit_head(cache, "multi-ncm", variant=variant, tau=tau, **{**kw, **over})  # no memo: fitted here
+        assert a.params.keys() == b.params.keys()
+        for k in a.params:
+            np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=f"{variant} tau {tau} {over}: {k}")
+        assert np.array_equal(a.pred, b.pred)
+    # the last multi-ncm (tau 0) takes the centroids its own tau-0 fit left in the memo two fits before
+    assert hits == [True, False, False, False, False, True]
+
+
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 2.0])
 def test_tau_norm_is_decouplings_formula(cache, p):
     """Decoupling (classifier-balancing, tau_norm.py): ws = W / ||W||^p row by row, logits = x . ws^T, no bias

@@ -47,12 +47,15 @@ def write_figure(fr, figdir: Path, stem: str, fig, df: pd.DataFrame, what: str, 
     plain CSV) atomically and set ``fr.files``; ``what`` the figure shows, its source caches and any
     ``extra`` lines go to ``fr.meta``, which :func:`build_figures` writes with the title and caption into the
     sidecar ``<stem>.json``.  No date or software version in the files: same inputs, same bytes."""
+    plt = _plt()
+    # bbox_inches="tight" once for both files: savefig would lay the figure out to find the box for each
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
     with atomic_path(figdir / f"{stem}.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=PNG_DPI, bbox_inches=box, metadata={"Software": None})
     with atomic_path(figdir / f"{stem}.pdf", suffix=".pdf") as tmp:
-        fig.savefig(tmp, format="pdf", bbox_inches="tight",
+        fig.savefig(tmp, format="pdf", bbox_inches=box,
                     metadata={"Creator": None, "Producer": None, "CreationDate": None})
-    _plt().close(fig)
+    plt.close(fig)
     buf = io.StringIO()
     df.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
     with atomic_path(figdir / f"{stem}.csv", suffix=".csv") as tmp:

@@ -3,7 +3,8 @@
 ``fit_plan`` lists, for every cache under a cache root, the stage-2 fits the tables and figures need
 (what ``pipeline report --list-fits`` prints); ``run_plan`` runs them in this process through stage 2's
 library functions (``fit_head`` then ``record_fit``: the same validation, results rows and artifacts as
-``pipeline fit-head``), reading each cache once.  ``run_all.sh`` used to start Python (and import torch) once
+``pipeline fit-head``), reading each cache once and keeping one ``fit_head`` memo per cache (a multi-ncm fit
+takes the centroids of the learned-ncm fit before it).  ``run_all.sh`` used to start Python (and import torch) once
 per fit; ``pipeline report --fit`` runs the whole plan and the report in one start.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run_plan(jobs, echo=print) -> list:
     fails, with a UserError naming it (the rows of the fits before it are recorded)."""
     from ..cache import read_cache  # stage 2's modules: only when fits are run
     from ..stage2.fit import fit_head, record_fit
-    caches, rows = {}, []
+    caches, memos, rows = {}, {}, []
     start = time.monotonic()
     for i, job in enumerate(jobs, 1):
         echo(f"==> fit {i}/{len(jobs)}: {job.label()}")
@@ -73,7 +74,7 @@ def run_plan(jobs, echo=print) -> list:
             if job.cache_dir not in caches:
                 caches[job.cache_dir] = read_cache(job.cache_dir)
             cache = caches[job.cache_dir]
-            res = fit_head(cache, **job.kwargs())
+            res = fit_head(cache, memo=memos.setdefault(job.cache_dir, {}), **job.kwargs())
             row = record_fit(cache, res)
         except UserError as e:
             raise UserError(f"fit {i} of {len(jobs)} failed ({job.label()}): {e}") from None

@@ -106,12 +106,15 @@ def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = F
 
 
 def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None, seed: int = 0,
-             device: str = "auto", eval_split: str = "test", **hparams) -> FitResult:
+             device: str = "auto", eval_split: str = "test", memo: dict | None = None, **hparams) -> FitResult:
     """Fit ``head`` on the train split of ``cache`` (a FeatureCache or a path) and evaluate on ``eval_split``.
 
     ``tau`` None means the head's default (0; 1 for posthoc-la).  ``hparams`` override the head's
     defaults (None values are ignored, so CLI options can be passed straight through); a known
     hyperparameter the head does not use is listed in ``FitResult.ignored`` and not recorded.
+    ``memo``: a dict the caller keeps across fits (empty at first) in which heads leave work that a later fit
+    on the same features can take instead of redoing it (multi-ncm takes learned-ncm's centroids); the results
+    are the same bit for bit, and ``fit_seconds`` still counts the reused work.
     """
     # -- validation: everything that can be wrong is checked before any fitting --------------------
     if head not in HEADS:
@@ -145,14 +148,16 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     data = HeadData(train_x=t(tx), train_y=t(ty, torch.int64), eval_x=t(ex), train_counts=t(counts),
                     classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
                     seed=int(seed), val_x=None if vx is None else t(vx),
-                    val_y=None if vy is None else t(vy, torch.int64))
+                    val_y=None if vy is None else t(vy, torch.int64),
+                    memo=None if memo is None else memo.setdefault(
+                        (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev)), {}))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     with fp32_matmul():  # fp32 GEMMs stay fp32 (no TF32, no bf16 reductions) whatever the environment sets
         out = spec.fn(data, hp, tau)
     pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
-    seconds = time.perf_counter() - start  # .cpu() above synchronises a CUDA fit
+    seconds = time.perf_counter() - start + out.reused_seconds  # .cpu() above synchronises a CUDA fit
     res = evaluate(pred, ey, cache.groups)
     acc = {k: res[k] for k in ACCURACY_KEYS}
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,

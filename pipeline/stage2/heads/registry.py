@@ -112,6 +112,7 @@ class HeadData:
     seed: int = 0
     val_x: torch.Tensor | None = None  # [V, d], only for heads that select on the val split
     val_y: torch.Tensor | None = None
+    memo: dict | None = field(default=None, repr=False)  # results of earlier fits on these train features
     _stats: tuple | None = field(default=None, repr=False)
 
     @property
@@ -149,6 +150,7 @@ class HeadOutput:
     params: dict                      # name -> numpy array, saved in the fit artifact
     chosen: dict = field(default_factory=dict)  # hyperparameters the head chose itself (e.g. p auto)
     predict: object = None            # features [M, d] tensor -> predicted classes [M]: the fitted head itself
+    reused_seconds: float = 0.0       # fit time of work taken from ``HeadData.memo`` (added to fit_seconds)
 
 
 def generators(seed: int, device, stream: int = 0):
