@@ -2,11 +2,13 @@
 miss, the figures inline, and the commands for everything not run."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import pandas as pd
 
 from .. import __version__
-from .fmt import diff1, fmt_diff
+from .fmt import dec1, diff1, fmt_diff
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
 from .runs import ReportContext, budget, inputs_digest
 from .tables import missing_commands, wide_markdown
@@ -66,6 +68,50 @@ def on_paper_recipe(cells: pd.DataFrame, infos) -> pd.Series:
     """Per table cell: whether it has stage-1 runs and every one of them has the paper's recipe and budget."""
     paper_runs = {c.run for c in infos if not c.recipe_deviations()}
     return cells["runs"].map(lambda v: bool(v) and all(r in paper_runs for r in v.split(";") if r))
+
+
+def gains_over_softmax(tables: dict, infos, tolerance: float) -> pd.DataFrame:
+    """Per paper cell with ours and the paper's value, in a table whose same data and metric also have a
+    Softmax cell with both: ours − our Softmax beside paper − the paper's Softmax (one-decimal values).  What a
+    head adds on the *same* stage-1 features, apart from how good those features are: a stage-1 gap moves
+    every head's cell, the gain isolates stage 2.  One row per distinct cell (the first table that has it)."""
+    out = []
+    for name, df in tables.items():
+        pr = on_paper_recipe(df, infos)
+        num = df[df["ours"].map(lambda v: dec1(v) is not None) & df["paper"].map(lambda v: dec1(v) is not None)]
+        soft = num[(num["head"] == "softmax") & (num["variant"] == "plain")]
+        base = {(r["section"], r["metric"]): r for _, r in soft.iterrows()}
+        for i, r in num.iterrows():
+            b = base.get((r["section"], r["metric"]))
+            if b is None or r["head"] == "softmax" or r["head"] == "":
+                continue
+            ours, paper = diff1(r["ours"], b["ours"]), diff1(r["paper"], b["paper"])
+            out.append(dict(table=name, method=r["method"], section=r["section"], head=r["head"],
+                            variant=r["variant"], tau=r["tau"], hparams=r["hparams"], metric=r["metric"],
+                            ours_gain=ours, paper_gain=paper, diff=ours - paper,
+                            within=abs(ours - paper) <= Decimal(str(tolerance)),
+                            paper_recipe=bool(pr[i] and on_paper_recipe(soft.loc[[b.name]], infos).iloc[0])))
+    cols = ["table", "method", "section", "head", "variant", "tau", "hparams", "metric", "ours_gain",
+            "paper_gain", "diff", "within", "paper_recipe"]
+    df = pd.DataFrame(out, columns=cols)
+    return df.drop_duplicates(["section", "head", "variant", "tau", "hparams", "metric"])
+
+
+def _gains_section(tables: dict, infos, tolerance: float) -> list:
+    g = gains_over_softmax(tables, infos, tolerance)
+    if g.empty:
+        return []
+    rows = [f"| {r.method} | {r.section} | {METRIC_LABEL[r.metric]} | {fmt_diff(r.ours_gain)} | "
+            f"{fmt_diff(r.paper_gain)} | {fmt_diff(r.diff)} | {'**yes**' if r.within else 'no'} | "
+            f"{'yes' if r.paper_recipe else 'no'} | {r.table} |" for r in g.itertuples()]
+    pr = g[g["paper_recipe"]]
+    return ["### Gains over the stage-1 Softmax, ours vs paper", "",
+            "A head's cell minus the Softmax cell of the same data and metric, ours beside the paper's: what the "
+            "head adds on the same frozen features, apart from how good the features are (a stage-1 gap moves "
+            f"every cell of a cache together). Within {tolerance:g} point: {int(g['within'].sum())} of {len(g)}; "
+            f"on the paper's recipe and budget: {int(pr['within'].sum())} of {len(pr)}.", "",
+            "| method | data | metric | ours − our Softmax | paper − paper's Softmax | difference | within "
+            f"{tolerance:g} | paper's recipe | table |", "|---|---|---|---:|---:|---:|---|---|---|"] + rows + [""]
 
 
 def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None) -> str:
@@ -151,6 +197,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
             L.append(f"| {r['method']} | {r['section']} | {METRIC_LABEL[r['metric']]} | {r['ours']} | {r['paper']} | "
                      f"{r['diff']} | {r['ours_std']} | {r['n_seeds']} | {r['_tables']} |")
         L.append("")
+    L += _gains_section(tables, infos, tolerance)
     # figures
     L += ["## Figures", ""]
     for f in figures:
