@@ -6,7 +6,9 @@
 * Spearman rank correlation of a per-class quantity with the class size N_y;
 * centroid displacement ||learned - empirical|| per class (Fig. 6a);
 * class-distance normalised variance, CDNV (Sec. 6, Galanti et al. 2021; Fig. 6b);
-* a 2-D t-SNE of one tail class and two head classes (Fig. 1).
+* a 2-D t-SNE of one tail class and two head classes (Fig. 1);
+* per class, the features on the training images against the test images (:func:`train_test_gap`): does
+  stage 1 memorise the tail?
 
 Everything here is plain numpy / scipy / scikit-learn on arrays, so it is usable on any cache.
 """
@@ -197,3 +199,34 @@ def spread(emb, labels) -> dict:
         e = emb[labels == c]
         out[int(c)] = float(np.linalg.norm(e - e.mean(0), axis=1).mean())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train vs test, per class: memorisation of the tail by stage 1
+
+def train_test_gap(train_x, train_y, test_x, test_y, weight, bias, num_classes: int) -> dict:
+    """Per class [C]: accuracy (%) of the stage-1 linear classifier (``weight`` [C, d], ``bias`` [C]) on the
+    training images as the cache holds them (eval mode, no augmentation) and on the test images, accuracy (%)
+    of the nearest empirical class mean (Euclidean, means of the training features) on the test images, and
+    the mean feature norm ||f(x)|| on train and on test.  A class whose training images are memorised shows
+    ~100% on train, a train norm above its test norm, and test features far from its training mean."""
+    def per_class(pred, y):
+        hit = np.bincount(y, weights=(pred == y).astype(np.float64), minlength=num_classes)
+        n = np.bincount(y, minlength=num_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return 100.0 * hit / n
+
+    def mean_norm(x, y):
+        n = np.bincount(y, minlength=num_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.bincount(y, weights=np.linalg.norm(x, axis=1), minlength=num_classes) / n
+
+    tx, ex = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+    ty, ey = np.asarray(train_y), np.asarray(test_y)
+    w, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+    mu = class_means(tx, ty, num_classes)
+    d2 = (ex * ex).sum(1)[:, None] - 2 * ex @ mu.T + (mu * mu).sum(1)[None]
+    return dict(softmax_train=per_class((tx @ w.T + b).argmax(1), ty),
+                softmax_test=per_class((ex @ w.T + b).argmax(1), ey),
+                ncm_test=per_class(d2.argmin(1), ey),
+                norm_train=mean_norm(tx, ty), norm_test=mean_norm(ex, ey))

@@ -94,3 +94,27 @@ def test_tsne_classes_and_embedding_deterministic():
     assert np.array_equal(e3, e1) and np.array_equal(l3, l1) and np.array_equal(i3, i1)  # the report's thread
     sp = analysis.spread(e1, l1)
     assert set(sp) == {0, 1, 2}
+
+
+def test_train_test_gap_against_a_per_sample_loop():
+    """Per class: the linear classifier's accuracy on train and on test, NCM's test accuracy with the class means
+    of the *training* features, and the mean feature norm of each split, checked sample by sample."""
+    rng = np.random.default_rng(3)
+    C, d = 4, 5
+    ty = np.repeat(np.arange(C), [30, 12, 6, 3])
+    tx = rng.normal(size=(len(ty), d)) + 2 * np.eye(C, d)[ty] * (1 + ty[:, None])  # tail classes: larger norms
+    ey = rng.integers(0, C, 80)
+    ex = rng.normal(size=(80, d)) * 1.5 + np.eye(C, d)[ey]
+    W, b = rng.normal(size=(C, d)), rng.normal(size=C) * 3  # a large bias: dropping it changes predictions
+    got = analysis.train_test_gap(tx, ty, ex, ey, W, b, C)
+    mu = [tx[ty == k].mean(0) for k in range(C)]
+    for k in range(C):
+        tr, te = np.where(ty == k)[0], np.where(ey == k)[0]
+        lin = lambda x: int(np.argmax([x @ W[j] + b[j] for j in range(C)]))  # noqa: E731
+        ncm = lambda x: int(np.argmin([np.linalg.norm(x - mu[j]) for j in range(C)]))  # noqa: E731
+        assert got["softmax_train"][k] == pytest.approx(100 * np.mean([lin(tx[i]) == k for i in tr]))
+        assert got["softmax_test"][k] == pytest.approx(100 * np.mean([lin(ex[i]) == k for i in te]))
+        assert got["ncm_test"][k] == pytest.approx(100 * np.mean([ncm(ex[i]) == k for i in te]))
+        assert got["norm_train"][k] == pytest.approx(np.mean([np.linalg.norm(tx[i]) for i in tr]))
+        assert got["norm_test"][k] == pytest.approx(np.mean([np.linalg.norm(ex[i]) for i in te]))
+    assert len({tuple(v) for v in got.values()}) == 5  # five different readings, none a copy of another

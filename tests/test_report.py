@@ -770,6 +770,26 @@ def test_gains_over_softmax_compare_what_a_head_adds_on_the_same_features(tmp_pa
     assert section.count("| Softmax |") == 0 and "| Learned NCM + LA |" not in section  # no head without a fit
 
 
+def test_stage1_features_per_class_and_group_in_the_report(tmp_path):
+    """reports/stage1/<run>.csv: one row per class (train_test_gap on the plain features); the README's rows
+    are the group means of that file."""
+    from pipeline.config import BN_RECAL_DEFAULT
+    root = tmp_path / "cache"
+    _paper_like_cache(root, 13000, dict(BN_RECAL_DEFAULT, seed=0), name="full", counts=(150,) * 7 + (30,) * 3)
+    from pipeline.report.fmt import fmt1
+    rp.build_report(str(root), tmp_path / "out", figures=False)
+    df = pd.read_csv(tmp_path / "out" / "stage1" / "full.csv")
+    assert list(df["class_index"]) == list(range(10)) and list(df["train_images"]) == [150] * 7 + [30] * 3
+    assert list(df["group"]) == ["many"] * 7 + ["medium"] * 3
+    readme = (tmp_path / "out" / "README.md").read_text()
+    for g, sel, n in (("Many", df.iloc[:7], "150–150"), ("Medium", df.iloc[7:], "30–30")):
+        m = sel.mean(numeric_only=True)
+        line = (f"| `full` | {g} | {len(sel)} | {n} | {fmt1(m['softmax_train'])} / {fmt1(m['softmax_test'])} | "
+                f"{fmt1(m['ncm_test'])} | {m['norm_train']:.2f} / {m['norm_test']:.2f} |")
+        assert line in readme, line
+    assert df["norm_train"].round(4).tolist() != df["norm_test"].round(4).tolist()
+
+
 def test_reproduction_summary_counts_the_papers_recipe_apart(tmp_path):
     from pipeline.config import BN_RECAL_DEFAULT
     root = tmp_path / "cache"

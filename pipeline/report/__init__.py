@@ -41,7 +41,7 @@ from .everyhead import HEAD_COLUMNS, build_every_head, every_head_latex, every_h
 from .figures import build_figures
 from .fitplan import FitJob, fit_plan, run_plan
 from .paper import BN_CONFIGS, FAMILY, NEEDED_CONFIGS, TABLES
-from .readme import build_readme
+from .readme import build_readme, features_by_class
 from .runs import ReportContext, inputs_digest, load_context, volatile_provenance
 from .tables import LONG_COLUMNS, build_table, table_latex, table_markdown  # noqa: F401  (LONG_COLUMNS: the CSV contract)
 
@@ -89,8 +89,9 @@ def _write_text(path: Path, text: str):
 
 
 # What `pipeline report` writes into --out (anything else there is someone's file: never swap it away).
-_OWN_TOP = re.compile(r"(README\.md|table\d+\.(csv|md|tex)|heads|figures|\.gitignore|provenance\.local\.json)")
-_OWN_SUB = {"figures": re.compile(r"fig\w*[-\w.]*\.(png|pdf|csv|json)"), "heads": re.compile(r"[-\w.]+\.(csv|md|tex)")}
+_OWN_TOP = re.compile(r"(README\.md|table\d+\.(csv|md|tex)|heads|stage1|figures|\.gitignore|provenance\.local\.json)")
+_OWN_SUB = {"figures": re.compile(r"fig\w*[-\w.]*\.(png|pdf|csv|json)"), "heads": re.compile(r"[-\w.]+\.(csv|md|tex)"),
+            "stage1": re.compile(r"[-\w.]+\.csv")}
 
 
 def _check_out_dir(out_dir: Path):
@@ -185,6 +186,14 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
             _write_text(tmp / "heads" / f"{run}.md", every_head_markdown(run, df, ctx, tolerance))
             _write_text(tmp / "heads" / f"{run}.tex", every_head_latex(run, df, ctx, tolerance))
             files += [f"heads/{run}.{ext}" for ext in ("csv", "md", "tex")]
+        per_class = {c.run: features_by_class(c) for c in sorted(ctx.infos, key=lambda c: c.run)}
+        if per_class:
+            (tmp / "stage1").mkdir()
+        for run, df in per_class.items():
+            buf = io.StringIO()
+            df.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
+            _write_text(tmp / "stage1" / f"{run}.csv", buf.getvalue())
+            files.append(f"stage1/{run}.csv")
         figs = build_figures(ctx, tmp, tsne_per_class) if figures else []
         for f in figs:
             files += f.files
@@ -193,7 +202,7 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
             raise UserError(f"this report would draw {drawn} figures, the one in {out_dir} has {had}"
                             + (" (figures=False)" if not figures else "") + f"; {out_dir} is left as it is. "
                             "Pass force=True to replace it")
-        _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads))
+        _write_text(tmp / "README.md", build_readme(ctx, tables, figs, heads, per_class))
         # what changes on every rerun of the same fits (when, which commit) stays out of the tracked files
         _write_text(tmp / "provenance.local.json",
                     json.dumps(volatile_provenance(ctx), indent=1, ensure_ascii=False) + "\n")

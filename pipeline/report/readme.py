@@ -7,8 +7,9 @@ from decimal import Decimal
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from .fmt import dec1, diff1, fmt_diff
+from .. import __version__, analysis
+from ..config import GROUP_NAMES
+from .fmt import dec1, diff1, fmt1, fmt_diff
 from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
 from .runs import ReportContext, budget, inputs_digest
 from .tables import missing_commands, wide_markdown
@@ -64,6 +65,42 @@ def _best_epoch_section(infos) -> list:
             "/ Few |", "|---|---|---|---|---|"] + rows + [""]
 
 
+def features_by_class(c) -> pd.DataFrame:
+    """Per class of a cache, its ``plain`` features on the training images vs the test images
+    (:func:`pipeline.analysis.train_test_gap`): one row per class, accuracies in %, mean feature norms."""
+    cache = c.cache
+    tx, ty = cache.split("train")
+    ex, ey = cache.split("test")
+    gap = analysis.train_test_gap(tx, ty, ex, ey, cache.classifier_weight, cache.classifier_bias, cache.num_classes)
+    df = pd.DataFrame(dict(run=c.run, fingerprint=c.fingerprint, class_index=np.arange(cache.num_classes),
+                           class_name=cache.class_names, train_images=np.asarray(cache.train_counts),
+                           group=[GROUP_NAMES[g] for g in cache.groups], **gap))
+    return df
+
+
+def _features_section(per_class: dict) -> list:
+    rows = []
+    for run, df in per_class.items():
+        for g in GROUP_NAMES:
+            d = df[df["group"] == g]
+            if d.empty:
+                continue
+            n = d["train_images"]
+            rows.append(f"| `{run}` | {g.capitalize()} | {len(d)} | {n.min()}–{n.max()} | "
+                        f"{fmt1(d['softmax_train'].mean())} / {fmt1(d['softmax_test'].mean())} | "
+                        f"{fmt1(d['ncm_test'].mean())} | {d['norm_train'].mean():.2f} / {d['norm_test'].mean():.2f} |")
+    if not rows:
+        return []
+    return ["### Stage-1 features: training images vs test images", "",
+            "Per class group (mean over its classes) of each cache's `plain` features: the training images as "
+            "the cache holds them (eval mode, no augmentation) against the test images. A stage 1 that memorises "
+            "its tail shows ~100% on the training images there, training-feature norms above the test norms, and "
+            "a low NCM test accuracy: the class means of the training features do not sit where the test images "
+            "fall. Per class: `stage1/<run>.csv`.", "",
+            "| run | group | classes | train images per class | stage-1 classifier: train / test | NCM: test | "
+            "mean ‖f(x)‖: train / test |", "|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def on_paper_recipe(cells: pd.DataFrame, infos) -> pd.Series:
     """Per table cell: whether it has stage-1 runs and every one of them has the paper's recipe and budget."""
     paper_runs = {c.run for c in infos if not c.recipe_deviations()}
@@ -114,7 +151,8 @@ def _gains_section(tables: dict, infos, tolerance: float) -> list:
             f"{tolerance:g} | paper's recipe | table |", "|---|---|---|---:|---:|---:|---|---|---|"] + rows + [""]
 
 
-def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None) -> str:
+def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None,
+                 per_class: dict | None = None) -> str:
     infos, groups, tolerance, cache_root = ctx.infos, ctx.groups, ctx.tolerance, ctx.cache_root
     used_runs = set()
     for df in tables.values():
@@ -156,6 +194,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
         if multi:
             L.append("")
         L += _best_epoch_section(infos)
+        L += _features_section(per_class or {})
     else:
         L += [f"No caches under `{cache_root}/`: every table cell below is \"not run\".", ""]
     # headline
