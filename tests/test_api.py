@@ -42,7 +42,7 @@ def test_readme_api_example_runs(cache, tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```python\n(from pipeline import .*?)```", readme, re.S)
     assert block, "README has no ```python block with the API example"
-    code = block.group(1).replace('"cache/cifar10-lt-b100-resnet32-paper-it2000-s0"', repr(str(cache.parent)))
+    code = block.group(1).replace('"cache/cifar10-lt-b200-resnet32-paper-s0"', repr(str(cache.parent)))
     code = code.replace('load_results("cache")', f"load_results({str(cache.parent.parent)!r})")
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
