@@ -242,6 +242,9 @@ def test_a_fit_head_memo_gives_multi_ncm_the_learned_ncm_centroids_only_when_the
         assert np.array_equal(a.pred, b.pred)
     # the last multi-ncm (tau 0) takes the centroids its own tau-0 fit left in the memo two fits before
     assert hits == [True, False, False, False, False, True]
+    n = len(calls)  # the same learned-ncm fit again: taken from the memo, its time still counted
+    assert fit_head(cache, "learned-ncm", tau=0.125, memo=memo, seed=3, epochs=3).fit_seconds >= 0.2
+    assert len(calls) == n
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 2.0])

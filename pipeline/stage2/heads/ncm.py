@@ -161,8 +161,9 @@ def learned_centroids(data: HeadData, hp: dict, tau: float, prep: CentredFeature
 def learned_ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Learned-NCM: centroids learned by SGD on CE(-1/2 ||x - mu_y||) (+ tau log N_y), argmin d."""
     matmul = resolve_matmul(hp["matmul"], data.device)
-    mu, params, _ = learned_centroids(data, hp, tau, CentredFeatures(data, matmul))
-    return HeadOutput(ncm_predict(data.eval_x, mu), params, dict(matmul=matmul), lambda x: ncm_predict(x, mu))
+    mu, params, reused_seconds = learned_centroids(data, hp, tau, CentredFeatures(data, matmul))
+    return HeadOutput(ncm_predict(data.eval_x, mu), params, dict(matmul=matmul), lambda x: ncm_predict(x, mu),
+                      reused_seconds)
 
 
 @register_head("multi-ncm", defaults=dict(NCM_SGD_DEFAULTS, num_centroids=HEAD_DEFAULTS["num_centroids"]),
