@@ -1,7 +1,7 @@
 """Python steps of benchmarks/gpu_shot.sh (see its header): env, datahash, checks, probe-report, pack.
 
     python benchmarks/gpu_shot.py env                                   # versions, TF32 flags, devices
-    python benchmarks/gpu_shot.py datahash --data-root D --cache C      # D's beta=100 data_hash vs C's
+    python benchmarks/gpu_shot.py datahash --data-root D --cache C      # data_hash of C's beta on D vs C's
     python benchmarks/gpu_shot.py checks --seconds 60                   # CUDA vs CPU (skipped on CPU)
     python benchmarks/gpu_shot.py probe-report CACHE_DIR                # s/step of the probe runs
     python benchmarks/gpu_shot.py pack --cache-dir C --logs L --out O --betas "200 100 10"

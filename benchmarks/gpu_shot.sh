@@ -25,7 +25,7 @@
 # Every budget is a variable (defaults: the GPU shot; tests/test_gpu_shot.py sets tiny ones):
 #   PYTHON=python  DEVICE=auto  BETAS="200 100 10"  PROBE_BETA=100  PROBE_FLAGS="--iterations 300"
 #   PROBE_COMPILE="on off"  EXTRA_FLAGS=""  CHECK_SECONDS=60  TIME_LIMIT=6m  RUN_TIMEOUT=420
-#   BENCH=0  SHIPPED_CACHE=cache/cifar10-lt-b100-resnet32-paper-it2000-s0/features.h5  SHOT_WORK=$(mktemp -d)
+#   BENCH=0  SHIPPED_CACHE=cache/cifar10-lt-b200-resnet32-paper-s0/features.h5  SHOT_WORK=$(mktemp -d)
 # A CPU run at tiny budgets:
 #   DEVICE=cpu EXTRA_FLAGS="--epochs 1 --train-limit 20 --test-limit 5" PROBE_FLAGS="--epochs 1 --train-limit 20
 #   --test-limit 5" PROBE_COMPILE=off TIME_LIMIT=10m RUN_TIMEOUT=240 OUT=/tmp/o benchmarks/gpu_shot.sh tiny.tgz
@@ -49,7 +49,7 @@ CHECK_SECONDS="${CHECK_SECONDS:-60}"
 TIME_LIMIT="${TIME_LIMIT:-6m}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-420}"
 BENCH="${BENCH:-0}"
-SHIPPED_CACHE="${SHIPPED_CACHE:-cache/cifar10-lt-b100-resnet32-paper-it2000-s0/features.h5}"
+SHIPPED_CACHE="${SHIPPED_CACHE:-cache/cifar10-lt-b200-resnet32-paper-s0/features.h5}"
 OUT="${OUT:-$ROOT/gpu-shot-out}"
 SHOT_WORK="${SHOT_WORK:-$(mktemp -d)}"
 

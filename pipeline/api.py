@@ -1,6 +1,6 @@
 """The Python API (for notebooks): ``from pipeline import read_cache, fit_head, load_results``.
 
-    c = read_cache("cache/cifar10-lt-b100-resnet32-paper-it2000-s0")
+    c = read_cache("cache/cifar10-lt-b200-resnet32-paper-s0")
     res = fit_head(c, "learned-ncm", tau=0.125)         # res.acc: all / many / medium / few
     pred = res.predict(c.split("test")[0])               # the fitted head on any features [M, d]
     df = load_results("cache")                           # every recorded fit, one row each
