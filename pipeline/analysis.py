@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .metrics import per_class_accuracy
+
 ESTIMATORS = ("mle", "ledoit-wolf", "oas")
 ESTIMATOR_LABELS = {"mle": "MLE (Eq. 1)", "ledoit-wolf": "Ledoit-Wolf", "oas": "OAS"}
 
@@ -211,10 +213,7 @@ def train_test_gap(train_x, train_y, test_x, test_y, weight, bias, num_classes: 
     the mean feature norm ||f(x)|| on train and on test.  A class whose training images are memorised shows
     ~100% on train, a train norm above its test norm, and test features far from its training mean."""
     def per_class(pred, y):
-        hit = np.bincount(y, weights=(pred == y).astype(np.float64), minlength=num_classes)
-        n = np.bincount(y, minlength=num_classes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return 100.0 * hit / n
+        return 100.0 * per_class_accuracy(pred, y, num_classes)
 
     def mean_norm(x, y):
         n = np.bincount(y, minlength=num_classes)
