@@ -290,15 +290,20 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
             data = {"iteration": steps.astype(np.int64), **data}
         write_figure(fr, figdir, "fig4_learning_curve", fig, pd.DataFrame(data),
                      "fig4: stage-1 learning curve (test accuracy evaluated during training)", [c])
-        precision = c.config.get("precision") or "not recorded"
+        segs = c.config.get("precision_segments") or []  # [[first epoch, precision], ...] when it changed
+        precision = (", ".join(f"{p} from epoch {e}" for e, p in segs) if len(segs) > 1
+                     else c.config.get("precision") or "not recorded")
         fr.caption = (f"{title_ds(g)} ({stage1_note(c)}): test accuracy evaluated during training, every "
                       f"{c.config.get('eval_every') or '?'} epochs, in the training precision ({precision}).")
         soft = pick_row(c.rows, H("softmax"))
         if soft is not None:  # one number for the softmax accuracy in the whole report: the tables' one
+            shown = [m for m in METRICS if fmt1(soft[f"_{m}"])]
+            agree = all(m in cols and fmt1(cols[m][-1]) == fmt1(soft[f"_{m}"]) for m in shown)
             fr.caption += (" The accuracy of this stage-1 classifier that the tables use (Softmax, on the cache's "
-                           "fp32 features) is " + ", ".join(
-                               f"{METRIC_LABEL[m]} {fmt1(soft[f'_{m}'])}" for m in METRICS if fmt1(soft[f"_{m}"]))
-                           + "; the curve's last point can differ by a few tenths (another evaluation precision).")
+                           "fp32 features) is " + ", ".join(f"{METRIC_LABEL[m]} {fmt1(soft[f'_{m}'])}" for m in shown)
+                           + ("; the curve's last point agrees." if agree else
+                              "; the curve's last point differs slightly (it was evaluated in the training "
+                              "precision)."))
         else:
             last = {k: fmt1(np.asarray(v)[-1]) for k, v in cols.items()}
             fr.caption += " Last point: " + ", ".join(f"{METRIC_LABEL[k]} {v}" for k, v in last.items()) + "."
