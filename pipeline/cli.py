@@ -367,7 +367,7 @@ def info(cache, as_json):
     import json
     from .cache import read_cache
     from .metrics import fmt_acc
-    from .stage1.runinfo import cache_summary, describe, run_progress
+    from .stage1.runinfo import cache_summary, describe, precision_history, run_progress
     run_dir = Path(cache)
     if run_dir.is_dir() and not (run_dir / "features.h5").exists() and (run_dir / "checkpoint.pt").exists():
         prog = run_progress(run_dir)
@@ -384,7 +384,7 @@ def info(cache, as_json):
                f"{s['batch_size']}, augment {s['augment']}, {s['precision']}, seed {s['seed']}{limits}  "
                f"({s['data_source']})")
     if s["precision_segments"]:
-        click.echo("  precision " + ", ".join(f"{p} from epoch {e}" for e, p in s["precision_segments"]))
+        click.echo("  precision " + precision_history(s["precision_segments"], s["epochs"]))
     click.echo(f"  commit {s['git_commit']}  torch {s['torch_version']}  created {s['created']}")
     for key, shape in s["shapes"].items():
         click.echo(f"  {key}: {shape[0]} x {shape[1]}")

@@ -104,7 +104,7 @@ def test_one_softmax_accuracy_in_the_whole_report(shipped):
     assert soft.to_dict() == {"all": "63.0", "many": "76.5", "medium": "31.4"}
     cap = next(f.caption for f in shipped["res"].figures if f.name == "fig4")
     assert "All 63.0, Many 76.5, Med 31.4; the curve's last point agrees." in cap
-    assert "training precision (bf16 from epoch 0, fp32 from epoch 380)" in cap
+    assert "training precision (bf16 for epochs 1–380, fp32 for 381–591)" in cap
     import re
     for p in [out / "README.md", out / "table7.md", out / "table7.tex", *out.glob("heads/*")]:
         for other in ("62.99", "76.54", "31.37", "76.543", "31.367", "76.542857", "31.366667"):

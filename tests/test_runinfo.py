@@ -49,3 +49,13 @@ def test_info_json_of_a_finished_cache(tmp_path):
     assert sum(s["groups"].values()) == c.num_classes and s["train_images"] == int(c.train_counts.sum())
     text = CliRunner().invoke(cli, ["info", str(path)]).output
     assert c.fingerprint in text and "classes" in text
+
+
+def test_precision_history_uses_the_logs_one_based_epochs():
+    """precision_segments hold the epochs done before each segment; a run resumed at 380/591 in fp32 trained
+    epochs 1-380 in bf16 and 381-591 in fp32, as its log numbers them."""
+    from pipeline.stage1.runinfo import precision_history
+    assert precision_history([[0, "bf16"], [380, "fp32"]], 591) == "bf16 for epochs 1–380, fp32 for 381–591"
+    assert (precision_history([[0, "fp32"], [2, "bf16"], [5, "fp32"]], 9)
+            == "fp32 for epochs 1–2, bf16 for 3–5, fp32 for 6–9")
+    assert precision_history([[0, "bf16"], [3, "fp32"]], None) == "bf16 for epochs 1–3, fp32 for 4 on"

@@ -15,6 +15,7 @@ import pandas as pd
 from .. import analysis
 from ..cache import CACHE_FILE
 from ..utils import UserError, atomic_path
+from ..stage1.runinfo import precision_history
 from .paper import DATASET_LABEL, METRIC_LABEL, METRICS, TAU_SWEEP, H, dataset_label, fmt_beta
 from .fmt import fmt1
 from .runs import ReportContext, as_float, budget, expected_run, fit_command, pick_row
@@ -291,7 +292,7 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
         write_figure(fr, figdir, "fig4_learning_curve", fig, pd.DataFrame(data),
                      "fig4: stage-1 learning curve (test accuracy evaluated during training)", [c])
         segs = c.config.get("precision_segments") or []  # [[first epoch, precision], ...] when it changed
-        precision = (", ".join(f"{p} from epoch {e}" for e, p in segs) if len(segs) > 1
+        precision = (precision_history(segs, c.epochs) if len(segs) > 1
                      else c.config.get("precision") or "not recorded")
         fr.caption = (f"{title_ds(g)} ({stage1_note(c)}): test accuracy evaluated during training, every "
                       f"{c.config.get('eval_every') or '?'} epochs, in the training precision ({precision}).")

@@ -10,6 +10,17 @@ from .pause import fmt_duration
 PACE_EPOCHS = 10  # the time left is estimated from the mean duration of the last 10 epochs
 
 
+def precision_history(segments, epochs) -> str:
+    """'bf16 for epochs 1-380, fp32 for 381-591' from a run's precision_segments ([[epochs done before the
+    segment, precision], ...]), in the 1-based epoch numbers of the logs and learning curves."""
+    parts = []
+    for i, (start, prec) in enumerate(segments):
+        end = segments[i + 1][0] if i + 1 < len(segments) else epochs
+        span = f"{int(start) + 1}–{int(end)}" if end else f"{int(start) + 1} on"
+        parts.append(f"{prec} for {'epochs ' if i == 0 else ''}{span}")
+    return ", ".join(parts)
+
+
 def run_progress(run_dir) -> dict | None:
     """Progress of the stage-1 run in ``run_dir`` from its checkpoint (None when it has none)."""
     import torch
@@ -63,7 +74,7 @@ def describe(p: dict) -> str:
     if p["last_test"]:
         line += f"; test All {p['last_test']['all']:.1f} at epoch {p['last_test']['epoch']}"
     if p["precision_segments"]:
-        line += "; precision " + ", ".join(f"{prec} from epoch {e}" for e, prec in p["precision_segments"])
+        line += "; precision " + precision_history(p["precision_segments"], p["epochs"])
     return line
 
 
