@@ -291,7 +291,7 @@ def fig_learning_curve(ctx: ReportContext, figdir) -> FigureResult:
             data = {"iteration": steps.astype(np.int64), **data}
         write_figure(fr, figdir, "fig4_learning_curve", fig, pd.DataFrame(data),
                      "fig4: stage-1 learning curve (test accuracy evaluated during training)", [c])
-        segs = c.config.get("precision_segments") or []  # [[first epoch, precision], ...] when it changed
+        segs = c.config.get("precision_segments") or []  # [[epochs done before, precision], ...] when it changed
         precision = (precision_history(segs, c.epochs) if len(segs) > 1
                      else c.config.get("precision") or "not recorded")
         fr.caption = (f"{title_ds(g)} ({stage1_note(c)}): test accuracy evaluated during training, every "

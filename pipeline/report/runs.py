@@ -86,6 +86,8 @@ def budget(c) -> str:
         return f"{done:,} iterations ({c.epochs} epochs of {int(spe)} steps{more})"
     if spe and c.epochs:
         return f"{int(c.epochs) * int(spe):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+    if it and not c.epochs:
+        return f"{int(it):,} iterations"
     return f"{c.epochs} epochs"
 
 
