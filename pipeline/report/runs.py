@@ -80,12 +80,10 @@ class CacheInfo:
 def budget(c) -> str:
     """Stage 1's budget in iterations, as the recipes define it: '2,000 iterations (80 epochs of 25 steps)'."""
     it, spe = c.config.get("iterations"), c.config.get("steps_per_epoch")
-    if it and spe and c.epochs:
-        done = int(c.epochs) * int(spe)  # whole epochs: a budget that is not a multiple of an epoch rounds up
-        more = f"; the recipe's {int(it):,} rounded up to whole epochs" if done != int(it) else ""
-        return f"{done:,} iterations ({c.epochs} epochs of {int(spe)} steps{more})"
     if spe and c.epochs:
-        return f"{int(c.epochs) * int(spe):,} iterations ({c.epochs} epochs of {int(spe)} steps)"
+        done = int(c.epochs) * int(spe)  # whole epochs: a budget that is not a multiple of an epoch rounds up
+        more = f"; the recipe's {int(it):,} rounded up to whole epochs" if it and done != int(it) else ""
+        return f"{done:,} iterations ({c.epochs} epochs of {int(spe)} steps{more})"
     if it and not c.epochs:
         return f"{int(it):,} iterations"
     return f"{c.epochs} epochs"
