@@ -441,19 +441,22 @@ def runs(cache_root):
 @click.option("--cl2n/--no-cl2n", default=None, help="ncm: centre on the train mean + L2-normalise.  [default: no]")
 @click.option("--device", type=DEVICE, default="auto",
               help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+@click.option("--threads", type=POSITIVE_INT, default=1, show_default=True,
+              help="CPU threads of a CPU fit.  1 gives the same fit on every machine (the thread count changes a "
+                   "GEMM's rounding, which SGD amplifies); more is faster only at ImageNet-LT size.")
 @click.option("--results", "results_path", type=click.Path(path_type=Path), default=None,
               help="results.csv to append to.  [default: <cache dir>/results.csv]")
 @click.option("--eval-split", type=click.Choice(EVAL_SPLITS), default="test", help="Split to evaluate on.")
 def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, num_centroids, metric, distance, p,
-                 cl2n, device, results_path, eval_split):
+                 cl2n, device, threads, results_path, eval_split):
     """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
     from .cache import read_cache
     from .stage2.fit import fit_head, record_fit
     from .metrics import fmt_acc
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,
-                   epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids, metric=metric,
-                   distance=distance, p=p, cl2n=cl2n)
+                   threads=threads, epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids,
+                   metric=metric, distance=distance, p=p, cl2n=cl2n)
     row = record_fit(cache, res, results_path)
     tau_s = f"  tau {res.tau:g}" if res.tau else ""
     tau_s += f"  p {res.hparams['p']:g} (chosen on val)" if res.hparams.get("p_select") == "val" else ""
@@ -487,7 +490,11 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
 @click.option("--fit", "fit_first", is_flag=True,
               help="First run every fit of --list-fits in this process (one Python start; rows appended to "
                    "each cache's results.csv, as `pipeline fit-head` does), then write the report.")
-def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, list_fits, quick, force, fit_first):
+@click.option("--fit-workers", type=POSITIVE_INT, default=None,
+              help="With --fit: processes that fit side by side (each fit in one thread, so the rows do not "
+                   "depend on it).  [default: one per CPU core; 1 when a GPU is available]")
+def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, list_fits, quick, force, fit_first,
+           fit_workers):
     """Paper tables (ours vs published), figures and reports/README.md from the caches and fit results.
 
     Never loses output: refuses when --cache-root holds no cache, writes a complete new --out folder
@@ -503,7 +510,7 @@ def report(cache_root, out, no_figures, tolerance, data_roots, list_missing, lis
             click.echo(f"{cache_dir}\t{' '.join(args)}")
         return
     if fit_first:
-        rp.run_plan(rp.fit_plan(cache_root, quick=quick), echo=click.echo)
+        rp.run_plan(rp.fit_plan(cache_root, quick=quick), echo=click.echo, workers=fit_workers)
     res = rp.build_report(cache_root, out, figures=not no_figures, tolerance=tolerance, data_roots=roots,
                           force=force)
     for w in res.warnings:

@@ -206,6 +206,23 @@ def dir_lock(directory):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``, then restore the previous count.  Stage-2 CPU fits run
+    in a fixed number of threads (default 1) because the count changes how GEMMs split their sums, and SGD
+    carries a last-bit difference into a different fit (multi-ncm's Medium moved by 1.0 point between 1 and
+    2 threads on the 2,000-iteration cache)."""
+    import torch
+    prev = torch.get_num_threads()
+    if n != prev:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
+
+
 def _fp32_precision_settings():
     """The objects of torch's per-backend ``fp32_precision`` API (torch >= 2.9) that exist in this build."""
     import torch

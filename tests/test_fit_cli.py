@@ -105,11 +105,15 @@ def test_row_values_and_options(cache_dir, tmp_path):
     assert not (cache_dir / "results.csv").exists()
     assert float(row["tau"]) == 0.125 and row["seed"] == "3" and row["device"] == "cpu"
     assert json.loads(row["hparams"]) == dict(batch_size=64, clip=0.1, epochs=2, eval_split="val", lr=2.5,
-                                              momentum=0.9, num_centroids=4,
+                                              momentum=0.9, num_centroids=4, cpu_threads=1,  # the default
                                               matmul=resolve_matmul("auto", "cpu"))  # the GEMM precision used
     z = np.load(cache_dir / row["artifact"])  # artifacts stay next to the cache
     assert z["displacements"].shape == (4, 6) and z["cdnv_per_epoch"].shape == (3,)
 
+    r = run("--cache", cache_dir, "--head", "learned-ncm", "--epochs", "1", "--threads", "2", "--results", out)
+    assert r.exit_code == 0 and json.loads(rows(out)[-1]["hparams"])["cpu_threads"] == 2, r.output
+    r = run("--cache", cache_dir, "--head", "learned-ncm", "--threads", "0", "--results", out)
+    assert r.exit_code == 2 and "--threads" in r.output and len(rows(out)) == 2
     r = run("--cache", cache_dir, "--head", "posthoc-la", "--results", out)
     assert r.exit_code == 0 and float(rows(out)[-1]["tau"]) == 1.0  # this head's default tau
     r = run("--cache", cache_dir, "--head", "ncm", "--cl2n", "--results", out)

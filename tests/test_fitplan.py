@@ -28,18 +28,25 @@ def _cache(root, with_val=True, bn=True):
     return d
 
 
-def test_one_process_plan_equals_one_fit_head_per_fit(tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_plan_equals_one_fit_head_per_fit(tmp_path, workers):
+    """In this process or in forked workers (3: more than CI's cores), the rows are those of one
+    `pipeline fit-head` per fit, bit for bit and in plan order."""
     a = _cache(tmp_path / "a")
     b = tmp_path / "b" / a.name
     shutil.copytree(a, b)
     wanted = {("ncm", "plain", 0.0), ("learned-ncm", "plain", 0.125), ("tau-norm", "plain", 0.0),
-              ("metric-ncm", "plain", 0.0), ("multi-ncm", "bn_recal", 0.0), ("posthoc-la", "plain", 1.0)}
+              ("metric-ncm", "plain", 0.0), ("multi-ncm", "bn_recal", 0.0), ("posthoc-la", "plain", 1.0),
+              ("multi-ncm", "plain", 0.125)}  # a group of two: learned-ncm and multi-ncm at tau 1/8
     jobs = [j for j in rp.fit_plan(str(tmp_path / "a")) if (j.spec.head, j.spec.variant, j.spec.tau) in wanted]
-    assert {j.spec.head for j in jobs} == {h for h, _, _ in wanted} and len(jobs) == 7  # metric-ncm: global, local
+    assert {j.spec.head for j in jobs} == {h for h, _, _ in wanted} and len(jobs) == 8  # metric-ncm: global, local
     assert ["--head", "tau-norm", "--p", "auto"] in [j.args() for j in jobs]
     lines = []
-    rows = rp.run_plan(jobs, echo=lines.append)
+    rows = rp.run_plan(jobs, echo=lines.append, workers=workers)
     assert len(rows) == len(jobs) and lines[-1].startswith(f"==> {len(jobs)} fits in")
+    assert lines[-1].endswith(" in 3 processes") == (workers == 3)
+    assert [ln for ln in lines if ln.startswith("==> fit ")] == [f"==> fit {i}/{len(jobs)}: {j.label()}"
+                                                              for i, j in enumerate(jobs, 1)]
     for j in jobs:  # the same fits through the CLI, one invocation each
         r = CliRunner().invoke(cli, ["fit-head", "--cache", str(b), *j.args()])
         assert r.exit_code == 0, r.output
@@ -49,13 +56,14 @@ def test_one_process_plan_equals_one_fit_head_per_fit(tmp_path):
     assert "p_select" in ra.loc[ra["head"] == "tau-norm", "hparams"].iloc[0]  # p chosen on val, as --p auto
 
 
-def test_a_failing_fit_is_named_and_the_earlier_rows_are_kept(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_fit_is_named_and_the_earlier_rows_are_kept(tmp_path, workers):
     d = _cache(tmp_path, bn=False)
     ok = rp.FitJob(str(d), rp.fit_plan(str(tmp_path), quick=True)[0].spec)
     bad = rp.FitJob(str(d), rp.paper.H("learned-ncm", variant="bn_recal"))
     with pytest.raises(rp.UserError, match=r"fit 2 of 2 failed \(cifar10-lt-b100-synthetic-s0 --head learned-ncm "
                                            r"--variant bn_recal\)"):
-        rp.run_plan([ok, bad], echo=lambda *_: None)
+        rp.run_plan([ok, bad], echo=lambda *_: None, workers=workers)
     assert len(pd.read_csv(d / "results.csv")) == 1
 
 
@@ -99,3 +107,17 @@ def test_run_all_starts_python_once_for_all_the_fits(tmp_path):
 
 def _tables(rep):
     return {p.name: p.read_text() for p in sorted(Path(rep).glob("table*.csv"))}
+
+
+def test_job_groups_keep_multi_ncm_with_its_learned_ncm(tmp_path):
+    """A worker's fit_head memo only helps a multi-ncm fit if its learned-ncm fit (same cache, variant and tau)
+    ran in the same process."""
+    jobs = rp.fit_plan(str(_cache(tmp_path).parent))
+    groups = rp.fitplan.job_groups(jobs)
+    assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
+    for g in groups:
+        heads = {jobs[i].spec.head for i in g}
+        assert len(g) == 1 or heads <= {"learned-ncm", "multi-ncm"}
+        assert len({(jobs[i].spec.variant, jobs[i].spec.tau) for i in g}) == 1
+    multi = [i for i, j in enumerate(jobs) if j.spec.head == "multi-ncm"]
+    assert multi and all(len(next(g for g in groups if i in g)) == 2 for i in multi)

@@ -437,6 +437,46 @@ def test_cpu_determinism(cache, head, kw):
     assert not np.array_equal(a.params[key], c.params[key])  # the seed matters
 
 
+@pytest.fixture(scope="module")
+def wide_cache(tmp_path_factory):
+    """Wide enough (dim 32, ~1,000 train rows) that torch splits a CPU op's sums over threads."""
+    return read_cache(make_synthetic_cache(tmp_path_factory.mktemp("w") / "features.h5", num_classes=10, dim=32,
+                                           imbalance=10.0, n_max=300, n_test=20, bn_recal=False))
+
+
+@pytest.mark.parametrize("head,kw,key", [("learned-ncm", dict(tau=0.125), "centroids"),
+                                         ("multi-ncm", dict(num_centroids=4), "displacements"),
+                                         ("crt", {}, "weight")])
+def test_a_cpu_fit_is_the_same_whatever_thread_count_the_caller_set(wide_cache, head, kw, key):
+    """The thread count changes a GEMM's rounding and SGD carries it on (multi-ncm's Medium moved 1.0 point
+    between 1 and 2 threads on the real 2,000-iteration cache): fit_head runs a CPU fit in ``threads`` threads
+    (default 1) whatever the process has set, records it, and gives the caller its own count back."""
+    from pipeline.report.paper import H
+    from pipeline.report.runs import fit_args
+    from pipeline.stage2.fit import fit_id
+    prev = torch.get_num_threads()
+    try:
+        fits = {}
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            fits[caller] = fit_head(wide_cache, head, epochs=3, **kw)
+            assert torch.get_num_threads() == caller
+        two = fit_head(wide_cache, head, epochs=3, threads=2, **kw)
+        np.testing.assert_array_equal(two.predict(wide_cache.split("test")[0]), two.pred)
+    finally:
+        torch.set_num_threads(prev)
+    for k in fits[1].params:
+        np.testing.assert_array_equal(fits[1].params[k], fits[2].params[k], err_msg=k)
+    if np.array_equal(fits[1].params[key], two.params[key]):
+        pytest.skip("this CPU gives the same bits with 1 and 2 threads: the equality above proves nothing here")
+    assert fits[1].hparams["cpu_threads"] == 1 and two.hparams["cpu_threads"] == 2
+    assert fit_id("fp", fits[1]) != fit_id("fp", two)  # another thread count is another fit
+    spec = H(head, tau=kw.get("tau", 0.0))
+    assert "--threads" not in fit_args(spec, fits[1].hparams) and fit_args(spec, two.hparams)[-2:] == ["--threads", "2"]
+    with pytest.raises(UserError, match="threads must be an integer >= 1"):
+        fit_head(wide_cache, head, threads=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The paper's directional claims on synthetic long-tailed features with inflated tail variance
 

@@ -260,7 +260,7 @@ def make_groups(infos, warnings: list) -> list:
 # ----------------------------------------------------------------------------------------------------
 # Picking the fit row of a table cell
 
-COMPUTE_DETAILS = ("matmul",)  # hparams that record how a fit was computed, not what was fitted
+COMPUTE_DETAILS = ("matmul", "cpu_threads")  # hparams that record how a fit was computed, not what was fitted
 
 
 def pick_row(rows: pd.DataFrame, spec: Spec):
@@ -319,6 +319,8 @@ def fit_args(spec: Spec, hparams: dict | None = None, seed=None) -> list:
             parts += [HPARAM_FLAGS[k], str(v)]
     if hparams.get("cl2n"):
         parts.append("--cl2n")
+    if int(hparams.get("cpu_threads", 1)) != 1:  # another thread count is another fit, bit for bit
+        parts += ["--threads", str(hparams["cpu_threads"])]
     if seed not in (None, "", "0", 0):
         parts += ["--seed", str(seed)]
     return parts

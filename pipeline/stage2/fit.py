@@ -13,6 +13,7 @@ rerun is recognisable as one and the report's tables stay byte-stable.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -29,7 +30,8 @@ from ..cache import FeatureCache, read_cache
 from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANT_FORMS, is_variant
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
-from ..utils import UserError, atomic_path, dir_lock, fp32_matmul, git_commit, now_iso, resolve_device
+from ..utils import (UserError, atomic_path, cpu_threads, dir_lock, fp32_matmul, git_commit, now_iso,
+                     resolve_device)
 
 
 @dataclass
@@ -52,14 +54,15 @@ class FitResult:
 
     def predict(self, x) -> np.ndarray:
         """Predicted classes of features ``x`` [M, d] (numpy or tensor) with the fitted head, as it predicted
-        the eval split (same device, fp32 GEMMs).  Only in the process that fitted it: the artifact
+        the eval split (same device, fp32 GEMMs, same CPU threads).  Only in the process that fitted it: the artifact
         ``fits/<fit_id>.npz`` keeps the parameters, not the code."""
         if self.predictor is None:
             raise UserError(f"this {self.head} result has no predictor (it was not fitted in this process)")
         x = torch.as_tensor(np.ascontiguousarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
         if x.ndim != 2:
             raise UserError(f"predict expects features of shape [M, d], got {tuple(x.shape)}")
-        with torch.no_grad(), fp32_matmul():
+        threads = self.hparams.get("cpu_threads", torch.get_num_threads())
+        with torch.no_grad(), fp32_matmul(), cpu_threads(threads):
             out = self.predictor(x.to(self.device))
         return (out.cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)).astype(np.int64)
 
@@ -106,7 +109,8 @@ def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = F
 
 
 def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None, seed: int = 0,
-             device: str = "auto", eval_split: str = "test", memo: dict | None = None, **hparams) -> FitResult:
+             device: str = "auto", eval_split: str = "test", memo: dict | None = None, threads: int = 1,
+             **hparams) -> FitResult:
     """Fit ``head`` on the train split of ``cache`` (a FeatureCache or a path) and evaluate on ``eval_split``.
 
     ``tau`` None means the head's default (0; 1 for posthoc-la).  ``hparams`` override the head's
@@ -115,6 +119,9 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     ``memo``: a dict the caller keeps across fits (empty at first) in which heads leave work that a later fit
     on the same features can take instead of redoing it (multi-ncm takes learned-ncm's centroids); the results
     are the same bit for bit, and ``fit_seconds`` still counts the reused work.
+    ``threads``: torch's CPU threads for a CPU fit (recorded as hparams ``cpu_threads``).  The default 1 makes
+    a fit the same on every machine: the thread count changes how a GEMM splits its sums, and SGD carries
+    that last-bit difference into a different fit.  More threads are faster only at ImageNet-LT size.
     """
     # -- validation: everything that can be wrong is checked before any fitting --------------------
     if head not in HEADS:
@@ -130,6 +137,8 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
                         f"{sorted(n for n, h in HEADS.items() if h.uses_tau)}")
     if eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be an integer >= 1, got {threads!r}")
     given = {k: v for k, v in hparams.items() if v is not None}
     check_hparams(given)
     hp = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.defaults}}
@@ -144,25 +153,28 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     tx, ty, ex, ey, counts, vx, vy = _load(cache, variant, eval_split, need_val)
 
     # -- fit + evaluate --------------------------------------------------------------------------------
+    on_cpu = dev.type == "cpu"
     t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt).to(dev)  # noqa: E731
-    data = HeadData(train_x=t(tx), train_y=t(ty, torch.int64), eval_x=t(ex), train_counts=t(counts),
-                    classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
-                    seed=int(seed), val_x=None if vx is None else t(vx),
-                    val_y=None if vy is None else t(vy, torch.int64),
-                    memo=None if memo is None else memo.setdefault(
-                        (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev)), {}))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    start = time.perf_counter()
-    with fp32_matmul():  # fp32 GEMMs stay fp32 (no TF32, no bf16 reductions) whatever the environment sets
-        out = spec.fn(data, hp, tau)
-    pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
-    seconds = time.perf_counter() - start + out.reused_seconds  # .cpu() above synchronises a CUDA fit
+    with cpu_threads(threads) if on_cpu else contextlib.nullcontext():
+        data = HeadData(train_x=t(tx), train_y=t(ty, torch.int64), eval_x=t(ex), train_counts=t(counts),
+                        classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
+                        seed=int(seed), val_x=None if vx is None else t(vx),
+                        val_y=None if vy is None else t(vy, torch.int64),
+                        memo=None if memo is None else memo.setdefault(
+                            (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev)), {}))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        with fp32_matmul():  # fp32 GEMMs stay fp32 (no TF32, no bf16 reductions) whatever the environment sets
+            out = spec.fn(data, hp, tau)
+        pred = out.pred.cpu().numpy() if isinstance(out.pred, torch.Tensor) else np.asarray(out.pred)
+        seconds = time.perf_counter() - start + out.reused_seconds  # .cpu() above synchronises a CUDA fit
     res = evaluate(pred, ey, cache.groups)
     acc = {k: res[k] for k in ACCURACY_KEYS}
+    compute = dict(cpu_threads=threads) if on_cpu else {}  # the thread count changes the bits: recorded
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
-                     hparams={**hp, **out.chosen, "eval_split": eval_split}, ignored=ignored,
+                     hparams={**hp, **out.chosen, **compute, "eval_split": eval_split}, ignored=ignored,
                      train_counts=counts, predictor=out.predict, pred=pred.astype(np.int64))
 
 
