@@ -716,6 +716,27 @@ def test_pick_row_treats_matmul_as_a_computation_detail():
     assert pick_row(rows, Spec("learned-ncm"))["acc"] == 2
 
 
+def test_a_rerun_computed_another_way_replaces_the_row_of_its_configuration(tmp_path):
+    """An older 2-thread fit (rows before cpu_threads was recorded, or --threads 2) and the same configuration
+    refitted in 1 thread are one configuration: the every-head table lists it once, from the newest row."""
+    from pipeline.config import RESULT_COLUMNS
+    from pipeline.report.runs import read_results
+    hp = dict(batch_size=512, epochs=30, eval_split="test", lr=5.0, momentum=0.9, clip=0.1)
+    base = {c: "" for c in RESULT_COLUMNS}
+    rows = [dict(base, fit_id="multi-ncm-old", timestamp="2026-01-01T00:00:00+00:00", head="multi-ncm",
+                 tau="0.125", hparams=json.dumps({**hp, "matmul": "fp32"}), acc_all="60.2"),
+            dict(base, fit_id="multi-ncm-two", timestamp="2026-01-02T00:00:00+00:00", head="multi-ncm",
+                 tau="0.125", hparams=json.dumps({**hp, "matmul": "fp32", "cpu_threads": 2}), acc_all="60.3"),
+            dict(base, fit_id="multi-ncm-new", timestamp="2026-01-03T00:00:00+00:00", head="multi-ncm",
+                 tau="0.125", hparams=json.dumps({**hp, "matmul": "bf16", "cpu_threads": 1}), acc_all="60.1"),
+            dict(base, fit_id="multi-ncm-k4", timestamp="2026-01-01T00:00:00+00:00", head="multi-ncm",
+                 tau="0.125", hparams=json.dumps({**hp, "num_centroids": 4, "cpu_threads": 1}), acc_all="59.0")]
+    pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).to_csv(tmp_path / "results.csv", index=False)
+    got, stale, total = read_results(tmp_path / "results.csv")
+    assert (stale, total) == (0, 4)
+    assert sorted(got["fit_id"]) == ["multi-ncm-k4", "multi-ncm-new"]  # another K is another configuration
+
+
 def test_best_test_epoch_is_the_first_maximum_of_the_evaluated_epochs():
     from pipeline.report.readme import best_test_epoch
     nan = float("nan")

@@ -139,7 +139,8 @@ def features_fingerprints(cache) -> dict:
 
 
 def read_results(path, fingerprint: str | dict | None = None, warnings: list | None = None):
-    """Rows of one results.csv, the latest per (head, variant, tau, hparams); returns (rows, stale, total).
+    """Rows of one results.csv, the latest per (head, variant, tau, hparams other than COMPUTE_DETAILS);
+    returns (rows, stale, total).
 
     Rows whose cache_fingerprint differs from the cache's (the cache was re-extracted since) are stale and
     dropped; ``fingerprint`` is one for every row, or a dict variant -> fingerprint (features_fingerprints:
@@ -177,7 +178,9 @@ def read_results(path, fingerprint: str | dict | None = None, warnings: list | N
         df = df[keep]
     df = df.copy()
     df["_tau"] = df["tau"].map(as_float).fillna(0.0).round(8)
-    df["_hp"] = df["hparams"].map(lambda s: json.dumps(parse_hparams(s), sort_keys=True, default=str))
+    # a configuration is what was fitted: a rerun computed another way (threads, GEMM precision) replaces it
+    df["_hp"] = df["hparams"].map(lambda s: json.dumps({k: v for k, v in parse_hparams(s).items()
+                                                        if k not in COMPUTE_DETAILS}, sort_keys=True, default=str))
     df["_variant"] = df["variant"].replace("", "plain")
     df["_ts"] = pd.to_datetime(df["timestamp"], utc=True, errors="coerce", format="mixed")
     for m in METRICS:
