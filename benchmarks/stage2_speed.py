@@ -18,6 +18,7 @@ multi-ncm at 1 and 2 epochs and extrapolates linearly to 30 instead of running i
 
     python benchmarks/stage2_speed.py            # CPU targets: learned-ncm (a) <= 5 s, (b) <= 60 s; multi <= 3x
     python benchmarks/stage2_speed.py --quick    # smoke run, smaller sizes
+    python benchmarks/stage2_speed.py --sizes b --threads 2   # what --threads 2 buys at ImageNet-LT size
 """
 from __future__ import annotations
 
@@ -118,7 +119,10 @@ def main():
     ap.add_argument("--full", action="store_true", help="also fit multi-ncm with fp32 GEMMs (accuracy reference)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--sizes", default="a,b", help="which of a,b to run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as `fit_head` runs a CPU fit; more pays at size (b))")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     epochs = 3 if args.quick else HEADS["learned-ncm"].defaults["epochs"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
