@@ -121,3 +121,17 @@ def test_job_groups_keep_multi_ncm_with_its_learned_ncm(tmp_path):
         assert len({(jobs[i].spec.variant, jobs[i].spec.tau) for i in g}) == 1
     multi = [i for i, j in enumerate(jobs) if j.spec.head == "multi-ncm"]
     assert multi and all(len(next(g for g in groups if i in g)) == 2 for i in multi)
+
+
+def test_with_a_gpu_the_plan_runs_in_this_process(tmp_path, monkeypatch):
+    """A CUDA fit cannot run in a process forked after CUDA was touched: workers are asked for, none forked."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    d = _cache(tmp_path, bn=False)
+    jobs = [rp.FitJob(str(d), s.spec) for s in rp.fit_plan(str(tmp_path), quick=True)][:2]
+    jobs = [rp.FitJob(j.cache_dir, j.spec, (("device", "cpu"),)) for j in jobs]  # no GPU here after all
+    assert rp.fitplan.default_workers(jobs) == 1
+    lines = []
+    rows = rp.run_plan(jobs, echo=lines.append, workers=3)
+    assert lines[0] == "note: fitting in this process, not 3 workers (they need Linux and no GPU)"
+    assert len(rows) == 2 and not lines[-1].endswith("processes")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,12 +67,17 @@ def fit_plan(cache_root="cache", quick: bool = False) -> list:
     return jobs
 
 
+def can_fork_workers() -> bool:
+    """Linux (fork is safe with torch there once a worker keeps to one thread) and no GPU: a CUDA fit cannot
+    run in a process forked after CUDA was touched, and on a GPU the fits are better off in one process."""
+    import torch
+    return sys.platform.startswith("linux") and not torch.cuda.is_available()
+
+
 def default_workers(jobs) -> int:
     """Processes for ``run_plan``: one per CPU core (each fit runs in one thread), at most one per group of
-    jobs; 1 (this process) where fork is unavailable or a GPU would take the fits."""
-    import multiprocessing as mp
-    import torch
-    if not jobs or "fork" not in mp.get_all_start_methods() or torch.cuda.is_available():
+    jobs; 1 (this process) where :func:`can_fork_workers` says no."""
+    if not jobs or not can_fork_workers():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, len(job_groups(jobs))))
@@ -141,7 +147,11 @@ def run_plan(jobs, echo=print, workers=None) -> list:
     before it are recorded)."""
     from ..stage2.fit import record_fit
     jobs = list(jobs)
-    workers = default_workers(jobs) if workers is None else int(workers)
+    if workers is None:
+        workers = default_workers(jobs)
+    elif int(workers) > 1 and not can_fork_workers():
+        echo(f"note: fitting in this process, not {int(workers)} workers (they need Linux and no GPU)")
+        workers = 1
     start = time.monotonic()
     rows, pool, done = [], None, {}
     try:
