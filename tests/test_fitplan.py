@@ -135,3 +135,31 @@ def test_with_a_gpu_the_plan_runs_in_this_process(tmp_path, monkeypatch):
     rows = rp.run_plan(jobs, echo=lines.append, workers=3)
     assert lines[0] == "note: fitting in this process, not 3 workers (they need Linux and no GPU)"
     assert len(rows) == 2 and not lines[-1].endswith("processes")
+
+
+_DIE_ON = {}
+
+
+def _dying_group(group):
+    """run_plan's worker task, except that a worker given _DIE_ON's fit exits at once (module level: the
+    executor pickles the task by name)."""
+    if group[0].spec == _DIE_ON["spec"]:
+        os._exit(9)
+    return _REAL_FIT_GROUP(group)
+
+
+_REAL_FIT_GROUP = rp.fitplan._fit_group
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A worker killed mid-fit (the OOM killer) sends nothing back: the plan stops with one line saying what
+    to do instead of waiting for it forever; the rows that came back before it are kept."""
+    d = _cache(tmp_path, bn=False)
+    jobs = rp.fit_plan(str(tmp_path), quick=True)[:3]
+    monkeypatch.setitem(_DIE_ON, "spec", jobs[1].spec)
+    monkeypatch.setattr(rp.fitplan, "_fit_group", _dying_group)  # inherited by the forked workers
+    with pytest.raises(rp.UserError, match=r"a fit worker process died before fit [12] of 3 came back .*; rerun "
+                                           r"with --fit-workers 1"):
+        rp.run_plan(jobs, echo=lambda *_: None, workers=2)
+    kept = pd.read_csv(d / "results.csv") if (d / "results.csv").exists() else []
+    assert len(kept) <= 1  # at most fit 1, the one before the worker died

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import signal
 import sys
 import time
@@ -100,7 +101,7 @@ def job_groups(jobs) -> list:
 
 MEMO_HEADS = ("learned-ncm", "multi-ncm")  # heads whose fits share work through fit_head's memo
 
-_caches, _memos = {}, {}  # one process's open caches and fit_head memos, per cache folder
+_caches, _memos = {}, {}  # the caches read and fit_head memos of one run_plan call (per process), per folder
 
 
 def _cache(cache_dir):
@@ -154,24 +155,36 @@ def run_plan(jobs, echo=print, workers=None) -> list:
         workers = 1
     start = time.monotonic()
     rows, pool, done = [], None, {}
+    _caches.clear()  # a cache re-extracted since an earlier call is read again
+    _memos.clear()
     try:
         if workers > 1:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures.process import BrokenProcessPool
             groups = job_groups(jobs)
+            # what the workers are sent, pickled here first: an object that cannot be pickled fails now, not
+            # in the executor's feeder thread, where it leaves shutdown() waiting forever (CPython 3.11)
+            pickle.dumps((_fit_group, jobs))
             with warnings.catch_warnings():
                 # Python >= 3.12 warns when forking a process with threads (here BLAS's idle pool); a worker
                 # touches no inherited thread: its fits run in one thread
                 warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks",
                                         category=DeprecationWarning)
-                pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
-            tasks = [(g, pool.apply_async(_fit_group, ([jobs[i] for i in g],))) for g in groups]
+                pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_worker_init)
+                tasks = [(g, pool.submit(_fit_group, [jobs[i] for i in g])) for g in groups]  # forks here
             group_of = {i: k for k, (g, _) in enumerate(tasks) for i in g}
         for i, job in enumerate(jobs):
             if pool is None:
                 done[i] = _fit_one(job)
             elif i not in done:  # wait for this job's group (submitted in plan order, so mostly done)
                 members, task = tasks[group_of[i]]
-                done.update(zip(members, task.get()))
+                try:
+                    done.update(zip(members, task.result()))
+                except BrokenProcessPool:  # a worker was killed (out of memory?): every pending fit is lost
+                    raise UserError(f"a fit worker process died before fit {i + 1} of {len(jobs)} came back "
+                                    f"({job.label()}); rerun with --fit-workers 1 (one process, less memory)"
+                                    ) from None
             res, seconds = done.pop(i, ("not fitted (an earlier fit of its group failed)", 0.0))
             echo(f"==> fit {i + 1}/{len(jobs)}: {job.label()}")
             if isinstance(res, str):
@@ -187,9 +200,9 @@ def run_plan(jobs, echo=print, workers=None) -> list:
             echo(f"    {accs}{chosen}  (fit {res.fit_seconds:.1f} s on {res.device}, done in {seconds:.1f} s; "
                  f"row {row['fit_id']})")
     finally:
-        if pool is not None:
-            pool.terminate()  # after a failure or Ctrl-C: the other workers' fits are not wanted
-            pool.join()
+        if pool is not None:  # after a failure or Ctrl-C the queued fits are dropped, the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
+        _memos.clear()  # fitted centroids: not kept past the call
     if jobs:
         workers_s = f" in {workers} processes" if pool is not None else ""
         echo(f"==> {len(jobs)} fits in {time.monotonic() - start:.1f} s{workers_s}")
