@@ -120,7 +120,7 @@ POSITIVE = FiniteRange(min=0, min_open=True)
 NONNEG = FiniteRange(min=0)
 
 # Library arguments whose option is spelled otherwise (extract's run= is --run-name, build_report's out_dir= --out)
-LIBRARY_ARGS = {"run": "run_name", "out_dir": "out"}
+LIBRARY_ARGS = {"run": "run_name", "out_dir": "out", "workers": "fit_workers"}
 _ARG = re.compile(r"(?<![\w/.=$-])([a-z][a-z0-9_]*)=('[^']*'|[^\s,;()']*)")
 
 

@@ -63,6 +63,7 @@ def test_cli_words_turn_arguments_into_flags():
     # only the command's own options; a path holding "name=" is left alone
     assert in_cli_words("tau=0.5 at /data/seed=3", report) == "tau=0.5 at /data/seed=3"
     assert in_cli_words("pass another results_path=...", cli.commands["fit-head"]) == "pass another --results"
+    assert in_cli_words("rerun with workers=1 (one process)", report) == "rerun with --fit-workers 1 (one process)"
 
 
 LIBRARY = [p for p in sorted((Path(__file__).resolve().parents[1] / "pipeline").rglob("*.py")) if p.name != "cli.py"]

@@ -159,7 +159,7 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
     monkeypatch.setitem(_DIE_ON, "spec", jobs[1].spec)
     monkeypatch.setattr(rp.fitplan, "_fit_group", _dying_group)  # inherited by the forked workers
     with pytest.raises(rp.UserError, match=r"a fit worker process died before fit [12] of 3 came back .*; rerun "
-                                           r"with --fit-workers 1"):
+                                           r"with workers=1"):
         rp.run_plan(jobs, echo=lambda *_: None, workers=2)
     kept = pd.read_csv(d / "results.csv") if (d / "results.csv").exists() else []
     assert len(kept) <= 1  # at most fit 1, the one before the worker died

@@ -183,7 +183,7 @@ def run_plan(jobs, echo=print, workers=None) -> list:
                     done.update(zip(members, task.result()))
                 except BrokenProcessPool:  # a worker was killed (out of memory?): every pending fit is lost
                     raise UserError(f"a fit worker process died before fit {i + 1} of {len(jobs)} came back "
-                                    f"({job.label()}); rerun with --fit-workers 1 (one process, less memory)"
+                                    f"({job.label()}); rerun with workers=1 (one process, less memory)"
                                     ) from None
             res, seconds = done.pop(i, ("not fitted (an earlier fit of its group failed)", 0.0))
             echo(f"==> fit {i + 1}/{len(jobs)}: {job.label()}")
