@@ -477,6 +477,16 @@ def test_a_cpu_fit_is_the_same_whatever_thread_count_the_caller_set(wide_cache, 
         fit_head(wide_cache, head, threads=0)
 
 
+def test_the_memo_gives_multi_ncm_only_centroids_fitted_in_its_thread_count(wide_cache):
+    """Learned-NCM centroids fitted in 2 threads are other centroids: a 1-thread multi-ncm must not take them."""
+    memo, kw = {}, dict(tau=0.125, epochs=3, num_centroids=4)
+    fit_head(wide_cache, "learned-ncm", tau=0.125, epochs=3, memo=memo, threads=2)
+    a = fit_head(wide_cache, "multi-ncm", memo=memo, **kw)
+    b = fit_head(wide_cache, "multi-ncm", **kw)
+    for k in b.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The paper's directional claims on synthetic long-tailed features with inflated tail variance
 

@@ -54,8 +54,8 @@ class FitResult:
 
     def predict(self, x) -> np.ndarray:
         """Predicted classes of features ``x`` [M, d] (numpy or tensor) with the fitted head, as it predicted
-        the eval split (same device, fp32 GEMMs, same CPU threads).  Only in the process that fitted it: the artifact
-        ``fits/<fit_id>.npz`` keeps the parameters, not the code."""
+        the eval split (same device, fp32 GEMMs, same CPU threads).  Only in the process that fitted it: the
+        artifact ``fits/<fit_id>.npz`` keeps the parameters, not the code."""
         if self.predictor is None:
             raise UserError(f"this {self.head} result has no predictor (it was not fitted in this process)")
         x = torch.as_tensor(np.ascontiguousarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
@@ -160,8 +160,9 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
                         classifier_weight=t(cache.classifier_weight), classifier_bias=t(cache.classifier_bias),
                         seed=int(seed), val_x=None if vx is None else t(vx),
                         val_y=None if vy is None else t(vy, torch.int64),
-                        memo=None if memo is None else memo.setdefault(
-                            (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev)), {}))
+                        memo=None if memo is None else memo.setdefault(  # work done in other threads differs
+                            (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev),
+                             threads if on_cpu else None), {}))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
