@@ -4,8 +4,8 @@
 #   ./run_all.sh [--cache-root DIR] [--out DIR] [--quick] [--python PY] [--extract-missing [--time-limit D]]
 #                [--data-root DATASET=DIR ...] [--per-fit-processes]
 #
-# The fits and the report run in one Python process (`pipeline report --fit`): Python and torch start once,
-# not once per fit.
+# The fits and the report run from one Python start (`pipeline report --fit`, which forks one fitting worker
+# per CPU core): Python and torch start once, not once per fit.
 # Never retrains stage 1 unless --extract-missing is given.  Rerunnable: a second run appends new fit
 # rows to each results.csv, and the report takes the latest row per configuration, so the tables are
 # identical (fits are deterministic on CPU for a given seed).
@@ -182,9 +182,9 @@ REPORT_ARGS=(--cache-root "$CACHE_ROOT" --out "$OUT" ${FIG_FLAG[@]+"${FIG_FLAG[@
              ${DATA_ROOTS[@]+"${DATA_ROOTS[@]}"})
 
 if [[ $PER_FIT -eq 0 ]]; then
-  # one process: the fits of `--list-fits` (stage 2's fit_head + record_fit, as `pipeline fit-head` runs
-  # them), then the report
-  step "fit every head the tables and figures need, then the report (one process)" \
+  # one Python start: the fits of `--list-fits` (stage 2's fit_head + record_fit, as `pipeline fit-head` runs
+  # them; in forked workers on a CPU), then the report
+  step "fit every head the tables and figures need, then the report (one Python start)" \
     "${PIPE[@]}" report --fit ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"} "${REPORT_ARGS[@]}"
 else
   fits=$("${PIPE[@]}" report --cache-root "$CACHE_ROOT" --list-fits ${QUICK_FLAG[@]+"${QUICK_FLAG[@]}"}) \

@@ -1,4 +1,4 @@
-"""run_all.sh speed: the fits of each cache in one process (`pipeline report --fit`, the default) against one
+"""run_all.sh speed: the fits of each cache from one Python start (`pipeline report --fit`, the default) against one
 `pipeline fit-head` process per fit (`--per-fit-processes`, how run_all.sh worked before), in one run; or,
 with --baseline REV, this checkout's run_all.sh against REV's (a commit, checked out into a temporary
 `git worktree`, or the path of a checkout), both in their default mode.
@@ -53,7 +53,7 @@ def run(mode: str, root: Path, out: Path, args, checkout: Path = REPO) -> float:
     if r.returncode != 0:
         sys.exit(f"{mode}: run_all.sh failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     starts = r.stdout.count("==> [")
-    what = ("one process: report --fit" if mode == "new" else "one fit-head process per fit" if checkout == REPO
+    what = ("one start: report --fit" if mode == "new" else "one fit-head process per fit" if checkout == REPO
             else f"baseline {args.baseline}")
     print(f"  {mode:>3} ({what}): {dt:7.1f} s, {starts} step(s)", flush=True)
     return dt

@@ -1,4 +1,4 @@
-"""The fits of a report in one process (pipeline.report.fitplan, `pipeline report --fit`, run_all.sh's
+"""The fits of a report from one Python start (pipeline.report.fitplan, `pipeline report --fit`, run_all.sh's
 default): the same results rows as one `pipeline fit-head` per fit, with one Python start instead of one
 per fit."""
 import os
