@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from .config import (ACCURACY_KEYS, AUGMENT_KINDS, BN_RECAL_DATA, BN_RECAL_DEFAULT, BN_RECAL_SAMPLERS,
-                     COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, METRIC_DISTANCES, METRIC_KINDS,
+                     COMPILE_MODES, DATA_ON, EVAL_SPLITS, FEATURE_DTYPES, FIT_SPLITS, METRIC_DISTANCES, METRIC_KINDS,
                      PRECISIONS, RECIPES, SUBSET_SEED, SYNC_BN_MODES, VARIANT_FORMS, is_variant)
 from .stage1.data import DATASETS
 from .utils import DEVICE_HELP, DEVICE_PATTERN, UserError, check_writable_dir
@@ -339,6 +339,36 @@ def recalibrate(cache, data_root, bn_recal_data, bn_recal_sampler, bn_recal_pass
     recalibrate_cache(c, ds, specs, device=device, log=click.echo)
 
 
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data-root", required=True, type=click.Path(path_type=Path),
+              help="The images the run was trained on (as given to `pipeline extract`); checked by data hash.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the cache.  [default: <run>/snapshots/epoch-<e>/features.h5]")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
+@click.option("--train-split", type=click.Path(path_type=Path), default=None)
+@click.option("--val-split", type=click.Path(path_type=Path), default=None)
+@click.option("--test-split", type=click.Path(path_type=Path), default=None)
+@click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
+def snapshot(cache, checkpoint, data_root, out, image_root, train_split, val_split, test_split, device):
+    """A cache of an earlier epoch of CACHE's run, from a CHECKPOINT it wrote (e.g. a committed in-flight one).
+
+    BALMS's code hands its second stages the best-test-epoch weights, not the last ones: fit heads on the
+    snapshot (`pipeline fit-head --cache <run>/snapshots/epoch-<e>`) to measure what that choice changes.  The
+    report never reads a snapshot as the run."""
+    from .cache import read_cache
+    from .stage1.recalibrate import dataset_for_cache
+    from .stage1.snapshot import snapshot_cache
+    c = read_cache(cache)
+    if not Path(checkpoint).is_file():
+        raise UserError(f"no checkpoint at {checkpoint}")
+    check_writable_dir(Path(out).parent if out else Path(c.path).parent, "out")
+    ds = dataset_for_cache(c, data_root, image_root, (train_split, val_split, test_split))
+    snapshot_cache(c, checkpoint, ds, out, device=device, log=click.echo)
+
+
 @cli.command("pack-cache")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the packed features.h5.")
@@ -385,6 +415,10 @@ def info(cache, as_json):
                f"({s['data_source']})")
     if s["precision_segments"]:
         click.echo("  precision " + precision_history(s["precision_segments"], s["epochs"]))
+    if s["snapshot"]:
+        snap = s["snapshot"]
+        click.echo(f"  SNAPSHOT: the weights of epoch {snap['epoch']} of {snap['epochs']} (`pipeline snapshot`; the "
+                   f"run's cache: fingerprint {snap['source_fingerprint']})")
     click.echo(f"  commit {s['git_commit']}  torch {s['torch_version']}  created {s['created']}")
     for key, shape in s["shapes"].items():
         click.echo(f"  {key}: {shape[0]} x {shape[1]}")
@@ -447,23 +481,30 @@ def runs(cache_root):
 @click.option("--results", "results_path", type=click.Path(path_type=Path), default=None,
               help="results.csv to append to.  [default: <cache dir>/results.csv]")
 @click.option("--eval-split", type=click.Choice(EVAL_SPLITS), default="test", help="Split to evaluate on.")
+@click.option("--fit-split", type=click.Choice(FIT_SPLITS), default="train",
+              help="Split the head learns from.  test = BALMS's CIFAR `train_plain` (the test images): a leak, "
+                   "only to measure how published numbers were made; recorded in the row's hparams.")
 def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, num_centroids, metric, distance, p,
-                 cl2n, device, threads, results_path, eval_split):
+                 cl2n, device, threads, results_path, eval_split, fit_split):
     """Fit a stage-2 head on cached features, print Many/Medium/Few/All and append a results.csv row."""
     from .cache import read_cache
     from .stage2.fit import fit_head, record_fit
     from .metrics import fmt_acc
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,
-                   threads=threads, epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids,
+                   threads=threads, fit_split=fit_split, epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids,
                    metric=metric, distance=distance, p=p, cl2n=cl2n)
     row = record_fit(cache, res, results_path)
     tau_s = f"  tau {res.tau:g}" if res.tau else ""
     tau_s += f"  p {res.hparams['p']:g} (chosen on val)" if res.hparams.get("p_select") == "val" else ""
-    click.echo(f"head {head}{tau_s}  cache {cache.path}  variant {variant}  ({eval_split} split)")
+    fitted = "" if fit_split == "train" else f", fitted on the {fit_split} split"
+    click.echo(f"head {head}{tau_s}  cache {cache.path}  variant {variant}  ({eval_split} split{fitted})")
     click.echo(" / ".join(f"{k.capitalize()} {fmt_acc(res.acc[k])}" for k in ("many", "medium", "few", "all")))
     click.echo(f"fit {res.fit_seconds:.2f} s on {res.device}; row {row['fit_id']} -> "
                f"{results_path or cache.path.parent / 'results.csv'}")
+    if fit_split != "train":
+        click.echo(f"note: fitted on the {fit_split} images and evaluated on the {eval_split} images: a leak, not a "
+                   "result (a diagnostic of BALMS's CIFAR `train_plain`)", err=True)
     if res.ignored:  # e.g. --epochs for ncm: harmless, but say so (and it is not recorded in hparams)
         click.echo(f"note: head {head} does not use --{', --'.join(k.replace('_', '-') for k in res.ignored)}",
                    err=True)

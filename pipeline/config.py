@@ -147,6 +147,9 @@ RESULT_COLUMNS = ("fit_id", "timestamp", "head", "variant", "tau", "seed", "hpar
                   "acc_all", "acc_many", "acc_medium", "acc_few", "fit_seconds", "device", "git_commit",
                   "artifact")
 EVAL_SPLITS = ("test", "val")  # p auto (tau-norm) is picked on "val", so it cannot also be evaluated there
+# the split a head learns from: "train", or "test" to measure what BALMS's CIFAR code does (its `train_plain`,
+# the images a second stage takes class means from, loads the CIFAR test set): a leak, for diagnosis only
+FIT_SPLITS = ("train", "test")
 METRIC_KINDS = ("global", "local")            # metric-ncm: one W, or one W_y per class (A.3)
 METRIC_DISTANCES = ("squared", "euclidean")   # metric-ncm: Eq. 3 as written, or the Learned-NCM form
 # tau-norm's p grid for `--p auto`: Decoupling's sweep, 0 to 2 in steps of 0.1, picked on the val split

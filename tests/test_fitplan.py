@@ -39,7 +39,9 @@ def test_the_plan_equals_one_fit_head_per_fit(tmp_path, workers):
               ("metric-ncm", "plain", 0.0), ("multi-ncm", "bn_recal", 0.0), ("posthoc-la", "plain", 1.0),
               ("multi-ncm", "plain", 0.125)}  # a group of two: learned-ncm and multi-ncm at tau 1/8
     jobs = [j for j in rp.fit_plan(str(tmp_path / "a")) if (j.spec.head, j.spec.variant, j.spec.tau) in wanted]
-    assert {j.spec.head for j in jobs} == {h for h, _, _ in wanted} and len(jobs) == 8  # metric-ncm: global, local
+    # metric-ncm: global, local; ncm, learned-ncm and multi-ncm at tau 1/8 also on the test split
+    assert {j.spec.head for j in jobs} == {h for h, _, _ in wanted} and len(jobs) == 8 + 3
+    assert ["--head", "learned-ncm", "--tau", "0.125", "--fit-split", "test"] in [j.args() for j in jobs]
     assert ["--head", "tau-norm", "--p", "auto"] in [j.args() for j in jobs]
     lines = []
     rows = rp.run_plan(jobs, echo=lines.append, workers=workers)

@@ -510,6 +510,7 @@ tau = float(args.get("--tau", 1 if head == "posthoc-la" else 0))  # stage 2's de
 if os.environ.get("STUB_FAIL_HEAD") == head:
     sys.exit("stub: simulated failure of " + head)
 hp = {"metric": args["--metric"]} if "--metric" in args else {}
+hp.update({"fit_split": args["--fit-split"]} if "--fit-split" in args else {})
 cache = args["--cache"].rstrip("/")
 fp = json.load(open(os.environ["STUB_FINGERPRINTS"]))[os.path.basename(cache)]
 path = os.path.join(cache, "results.csv")
@@ -554,8 +555,10 @@ def test_run_all_orchestration_with_stub(tmp_path):
     assert "total time" in r.stdout and "==> [" in r.stdout
     rows10 = pd.read_csv(c10 / "results.csv")
     rows100 = pd.read_csv(c100 / "results.csv")
-    # 17 plain fits; where the cache has bn_recal, Table 6's 2 fits + softmax and ncm (BN_COMPARE_HEADS)
-    assert len(rows10) == 21 and len(rows100) == 17
+    # 17 plain fits; where the cache has bn_recal, Table 6's 2 fits + softmax and ncm (BN_COMPARE_HEADS); on
+    # BALMS's CIFAR datasets the NCM family fitted on the test images (paper.TRAIN_PLAIN_SPECS)
+    assert len(rows10) == 21 + 5 and len(rows100) == 17 + 5
+    assert rows10["hparams"].str.contains('"fit_split": "test"').sum() == 5
     assert set(rows10["head"]) == {"softmax", "ncm", "learned-ncm", "multi-ncm", "local-projection",
                                    "metric-ncm", "crt", "tau-norm", "lws", "posthoc-la"}
     assert sorted(rows10.loc[rows10["head"] == "learned-ncm", "tau"].unique()) == [0, 0.0625, 0.125, 0.25, 0.5, 1]
@@ -567,7 +570,7 @@ def test_run_all_orchestration_with_stub(tmp_path):
     # rerun (quick, to keep the test short): new rows are appended, the tables do not change
     r = subprocess.run(cmd + ["--quick"], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert len(pd.read_csv(c10 / "results.csv")) == 21 + 3
+    assert len(pd.read_csv(c10 / "results.csv")) == 21 + 5 + 3
     for t in rp.TABLES:
         assert (tmp_path / "rep" / f"{t.name}.csv").read_bytes() == first[t.name], t.name
     # a failing step stops the script with a non-zero status that names it
@@ -636,7 +639,9 @@ def test_list_fits_is_the_tables_and_figures_needs(world):
         "--head local-projection", "--head tau-norm"}
     # + softmax and ncm on bn_recal: the heads that compare BN re-estimation methods (learned-ncm and multi-ncm
     # on bn_recal are Table 6's)
-    assert len(by_cache["cifar10-lt-b100-synthetic-s0"]) == len(needed_specs()) + 2
+    # + the NCM family fitted on the test images (BALMS's CIFAR train_plain, paper.TRAIN_PLAIN_SPECS)
+    assert len(by_cache["cifar10-lt-b100-synthetic-s0"]) == len(needed_specs()) + 2 + 5
+    assert sum("--fit-split test" in a for a in by_cache["cifar10-lt-b100-synthetic-s0"]) == 5
     assert {"--head softmax --variant bn_recal", "--head ncm --variant bn_recal"} <= set(
         by_cache["cifar10-lt-b100-synthetic-s0"])
     assert not any("bn_recal" in a for a in by_cache["cifar10-lt-b200-synthetic-s0"])  # no BN features there

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..utils import UserError
 from .fmt import fmt1
-from .paper import BN_COMPARE_HEADS, H, Spec, needed_specs
+from .paper import BN_COMPARE_HEADS, TRAIN_PLAIN_DATASETS, TRAIN_PLAIN_SPECS, H, Spec, needed_specs
 from .runs import fit_args, load_context
 
 
@@ -52,7 +52,8 @@ class FitJob:
 def fit_plan(cache_root="cache", quick: bool = False) -> list:
     """Every fit the tables and figures need, on every cache under ``cache_root``, in table order, then
     BN_COMPARE_HEADS on each BN re-estimation variant the cache holds (bn_recal fits only where the cache
-    has those features; tau-norm's p picked on the val split where the cache has one)."""
+    has those features; tau-norm's p picked on the val split where the cache has one), then on BALMS's CIFAR
+    datasets TRAIN_PLAIN_SPECS (the NCM family fitted on the test images: the report's leak diagnostic)."""
     ctx = load_context(cache_root)
     jobs = []
     for c in ctx.infos:
@@ -60,6 +61,8 @@ def fit_plan(cache_root="cache", quick: bool = False) -> list:
         if not quick:  # each BN re-estimation method the cache holds, on the heads that compare them
             compare = [H(h, variant=v) for v in c.cache.variants if v != "plain" for h in BN_COMPARE_HEADS]
             specs += [s for s in compare if s not in specs]
+            if c.dataset in TRAIN_PLAIN_DATASETS:
+                specs += TRAIN_PLAIN_SPECS
         for spec in specs:
             if spec.variant not in c.cache.variants:
                 continue
@@ -86,10 +89,12 @@ def default_workers(jobs) -> int:
 
 def job_groups(jobs) -> list:
     """Job indices that share one process: a multi-ncm fit with the learned-ncm fit of the same cache,
-    variant and tau (it takes that fit's centroids from the memo); every other job alone.  Plan order."""
+    variant, tau and fit split (it takes that fit's centroids from the memo); every other job alone.  Plan
+    order."""
     groups, where = [], {}
     for i, job in enumerate(jobs):
-        key = (job.cache_dir, job.spec.variant, job.spec.tau) if job.spec.head in MEMO_HEADS else None
+        key = ((job.cache_dir, job.spec.variant, job.spec.tau, dict(job.spec.hparams).get("fit_split", "train"))
+               if job.spec.head in MEMO_HEADS else None)
         if key is not None and key in where:
             groups[where[key]].append(i)
             continue

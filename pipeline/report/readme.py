@@ -10,8 +10,10 @@ import pandas as pd
 from .. import __version__, analysis
 from ..config import GROUP_NAMES
 from .fmt import dec1, diff1, fmt1, fmt_diff
-from .paper import DATASET_LABEL, METRIC_LABEL, TABLES, dataset_label, fmt_beta
-from .runs import ReportContext, budget, inputs_digest
+from .everyhead import _paper_methods, _paper_value
+from .paper import (DATASET_LABEL, METRIC_LABEL, METRICS, TABLES, TRAIN_PLAIN_DATASETS, TRAIN_PLAIN_SPECS,
+                    dataset_label, fmt_beta)
+from .runs import ReportContext, budget, inputs_digest, pick_row
 from .tables import missing_commands, wide_markdown
 
 
@@ -151,6 +153,62 @@ def _gains_section(tables: dict, infos, tolerance: float) -> list:
             f"{tolerance:g} | paper's recipe | table |", "|---|---|---|---:|---:|---:|---|---|---|"] + rows + [""]
 
 
+def train_plain_comparison(ctx: ReportContext) -> pd.DataFrame:
+    """Per cache of BALMS's CIFAR datasets and head of TRAIN_PLAIN_SPECS with both fits: the head fitted on the
+    training images (the table cell) and on the test images (BALMS's `train_plain`), beside the paper's value
+    of the first table with that method and data; one-decimal strings, '' where absent."""
+    papers, out = _paper_methods(), []
+    for c in sorted(ctx.infos, key=lambda c: c.run):
+        if c.dataset not in TRAIN_PLAIN_DATASETS:
+            continue
+        for spec in TRAIN_PLAIN_SPECS:
+            base = spec.without("fit_split")
+            leak, own = pick_row(c.rows, spec), pick_row(c.rows, base)
+            if leak is None or own is None:
+                continue
+            method = next((m for _, m, _ in papers.get(base, [])), base.label())
+            for m in METRICS:
+                paper = _paper_value(papers.get(base, []), c.dataset, c.imbalance, m)[0]
+                out.append(dict(run=c.run, paper_recipe=not c.recipe_deviations(), method=method, metric=m,
+                                train=fmt1(own[f"_{m}"]), test=fmt1(leak[f"_{m}"]), paper=fmt1(paper),
+                                train_fit=own["fit_id"], test_fit=leak["fit_id"]))
+    return pd.DataFrame(out, columns=["run", "paper_recipe", "method", "metric", "train", "test", "paper",
+                                      "train_fit", "test_fit"])
+
+
+def _train_plain_section(ctx: ReportContext, tolerance: float) -> list:
+    df = train_plain_comparison(ctx)
+    if df.empty:
+        return []
+    L = ["### Stage 2 fitted on the test images: BALMS's CIFAR `train_plain` (a leak; diagnostic, not a result)", "",
+         "BALMS's code, whose CIFAR recipe the paper's stage 1 follows, builds the `train_plain` split (the images a "
+         "second stage takes class means from: `get_knncentroids`, `centroids_cal`, `--save_feat train_plain`) with "
+         "`IMBALANCECIFAR10(phase='train_plain')`, and that class loads the CIFAR **test** set (`train = phase == "
+         "\"train\"`). The paper does not say which images its stage 2 read. Each head below is fitted both ways on "
+         "the same frozen features and evaluated on the test images: on the training images (our table cell) and "
+         "on the test images (`pipeline fit-head --fit-split test`; the long-tailed class counts stay the prior of "
+         "+LA and define the groups). Cells: fitted on train / fitted on test / paper.", ""]
+    shown = [m for m in METRICS if (df.loc[df["metric"] == m, "test"] != "").any()]
+    L += ["| run | method | " + " | ".join(METRIC_LABEL[m] for m in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for (run, method), g in df.groupby(["run", "method"], sort=False):
+        by = {r.metric: r for r in g.itertuples()}
+        L.append(f"| `{run}` | {method} | " + " | ".join(
+            f"{by[m].train or 'n/a'} / {by[m].test or 'n/a'} / {by[m].paper or '–'}" for m in shown) + " |")
+    L.append("")
+    num = df[(df["paper"] != "") & (df["test"] != "") & (df["train"] != "")]
+    pr = num[num["paper_recipe"]]
+    for label, sel in (("on the paper's recipe and budget", pr), ("all runs", num if len(num) > len(pr) else pr[:0])):
+        if sel.empty:
+            continue
+        dtr = sel.apply(lambda r: abs(diff1(r["train"], r["paper"])), axis=1)
+        dte = sel.apply(lambda r: abs(diff1(r["test"], r["paper"])), axis=1)
+        tol = Decimal(str(tolerance))
+        L.append(f"- {label.capitalize()} ({len(sel)} cells with a paper value): mean |ours − paper| "
+                 f"{fmt1(float(dtr.mean()))} fitted on the training images, {fmt1(float(dte.mean()))} fitted on the "
+                 f"test images; within {tolerance:g} point: {int((dtr <= tol).sum())} vs {int((dte <= tol).sum())}.")
+    return L + [""]
+
+
 def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None,
                  per_class: dict | None = None) -> str:
     infos, groups, tolerance, cache_root = ctx.infos, ctx.groups, ctx.tolerance, ctx.cache_root
@@ -237,6 +295,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
                      f"{r['diff']} | {r['ours_std']} | {r['n_seeds']} | {r['_tables']} |")
         L.append("")
     L += _gains_section(tables, infos, tolerance)
+    L += _train_plain_section(ctx, tolerance)
     # figures
     L += ["## Figures", ""]
     for f in figures:

@@ -27,7 +27,8 @@ DEFAULT_DATA_ROOTS = {"cifar10-lt": "../shared/data/cifar10-jpeg", "cifar100-lt"
                       "cifar20-lt": "<CIFAR100_ROOT>", "imagenet-lt": "<IMAGENET_LT_ROOT>",
                       "places-lt": "<PLACES_LT_ROOT>", "inat2018": "<INAT2018_ROOT>"}
 # fit-head flags for the hyperparameters that select a table row
-HPARAM_FLAGS = {"metric": "--metric", "distance": "--distance", "num_centroids": "--num-centroids", "p": "--p"}
+HPARAM_FLAGS = {"metric": "--metric", "distance": "--distance", "num_centroids": "--num-centroids", "p": "--p",
+                "fit_split": "--fit-split"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,6 +75,9 @@ class CacheInfo:
                 out.append(f"{k} {cfg.get(k)} (paper: {v})")
         if cfg.get("train_limit") or cfg.get("test_limit"):
             out.append(f"TINY RUN (train_limit {cfg.get('train_limit')}, test_limit {cfg.get('test_limit')})")
+        snap = self.prov.get("snapshot")
+        if snap:  # `pipeline snapshot`: an earlier epoch's weights, not the run's model
+            out.append(f"SNAPSHOT (the weights of epoch {snap.get('epoch')} of {snap.get('epochs')})")
         return out
 
 
@@ -281,6 +285,8 @@ def pick_row(rows: pd.DataFrame, spec: Spec):
         if any(str(hp.get(k)) != str(v) for k, v in want.items()):
             continue
         if hp.get("eval_split", "test") != "test":  # the paper's numbers are test-set numbers
+            continue
+        if hp.get("fit_split", "train") != want.get("fit_split", "train"):  # a fit on the test images is no cell
             continue
         # how the GEMMs were computed (bf16 / fp32, chosen by matmul "auto") is not a hyperparameter
         conflicts = sum(1 for k, v in hp.items() if k in defaults and k not in COMPUTE_DETAILS

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..cache import FeatureCache, read_cache
-from ..config import ACCURACY_KEYS, EVAL_SPLITS, RESULT_COLUMNS, VARIANT_FORMS, is_variant
+from ..config import ACCURACY_KEYS, EVAL_SPLITS, FIT_SPLITS, RESULT_COLUMNS, VARIANT_FORMS, is_variant
 from .heads import HEADS, HeadData, check_hparams
 from ..metrics import evaluate
 from ..utils import (UserError, atomic_path, cpu_threads, dir_lock, fp32_matmul, git_commit, now_iso,
@@ -73,8 +73,10 @@ def _finite(name, a):
         raise UserError(f"{name} contain {bad} NaN/inf value(s); re-extract the cache")
 
 
-def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = False):
-    """Read and validate train + eval (+ val) arrays (UserError on anything a fit cannot use)."""
+def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = False, fit_split: str = "train"):
+    """Read and validate train + eval (+ val) arrays (UserError on anything a fit cannot use).  The counts
+    returned are always the training split's; with ``fit_split`` "test" the arrays returned as training
+    features are the test split's."""
     if not is_variant(variant):
         raise UserError(f"variant must be {VARIANT_FORMS}; got {variant!r}")
     tx, ty = cache.split("train", variant)
@@ -105,12 +107,17 @@ def _load(cache: FeatureCache, variant: str, eval_split: str, need_val: bool = F
         raise UserError(f"{where}: classes/train_counts disagree with the train labels; re-extract the cache")
     _finite(f"{where} stage-1 classifier", cache.classifier_weight)
     _finite(f"{where} stage-1 classifier bias", cache.classifier_bias)
+    if fit_split != "train":
+        tx, ty = cache.split(fit_split, variant) if fit_split != eval_split else (ex, ey)
+        _finite(f"{where} {fit_split} features", tx)
+        if (np.bincount(ty, minlength=C) == 0).any():
+            raise UserError(f"{where}: a class has no sample in the {fit_split} split to fit on")
     return tx, ty, ex, ey, counts, vx, vy
 
 
 def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None, seed: int = 0,
              device: str = "auto", eval_split: str = "test", memo: dict | None = None, threads: int = 1,
-             **hparams) -> FitResult:
+             fit_split: str = "train", **hparams) -> FitResult:
     """Fit ``head`` on the train split of ``cache`` (a FeatureCache or a path) and evaluate on ``eval_split``.
 
     ``tau`` None means the head's default (0; 1 for posthoc-la).  ``hparams`` override the head's
@@ -122,6 +129,10 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     ``threads``: torch's CPU threads for a CPU fit (recorded as hparams ``cpu_threads``).  The default 1 makes
     a fit the same on every machine: the thread count changes how a GEMM splits its sums, and SGD carries
     that last-bit difference into a different fit.  More threads are faster only at ImageNet-LT size.
+    ``fit_split`` "test" fits the head on the test split's features instead (the class counts N_y, Many /
+    Medium / Few and logit adjustment's prior stay the training set's): what BALMS's CIFAR code hands a second
+    stage as ``train_plain``.  A leak, for diagnosing published numbers only; recorded as hparams
+    ``fit_split`` (a fit on "train" records nothing, so its fit_id is what it always was).
     """
     # -- validation: everything that can be wrong is checked before any fitting --------------------
     if head not in HEADS:
@@ -137,6 +148,11 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
                         f"{sorted(n for n, h in HEADS.items() if h.uses_tau)}")
     if eval_split not in EVAL_SPLITS:
         raise UserError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    if fit_split not in FIT_SPLITS:
+        raise UserError(f"fit_split must be one of {FIT_SPLITS}, got {fit_split!r}")
+    if fit_split != "train" and not spec.reads_train:
+        raise UserError(f"head {head!r} does not fit on features (it rescales the stage-1 classifier), so "
+                        f"fit_split={fit_split!r} changes nothing; use fit_split='train'")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"threads must be an integer >= 1, got {threads!r}")
     given = {k: v for k, v in hparams.items() if v is not None}
@@ -150,7 +166,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     dev = resolve_device(device)
     if not isinstance(cache, FeatureCache):
         cache = read_cache(cache)
-    tx, ty, ex, ey, counts, vx, vy = _load(cache, variant, eval_split, need_val)
+    tx, ty, ex, ey, counts, vx, vy = _load(cache, variant, eval_split, need_val, fit_split)
 
     # -- fit + evaluate --------------------------------------------------------------------------------
     on_cpu = dev.type == "cpu"
@@ -161,7 +177,7 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
                         seed=int(seed), val_x=None if vx is None else t(vx),
                         val_y=None if vy is None else t(vy, torch.int64),
                         memo=None if memo is None else memo.setdefault(  # work done in other threads differs
-                            (str(cache.path), variant, cache.variant_fingerprint(variant), str(dev),
+                            (str(cache.path), variant, cache.variant_fingerprint(variant), fit_split, str(dev),
                              threads if on_cpu else None), {}))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -173,9 +189,10 @@ def fit_head(cache, head: str, variant: str = "plain", tau: float | None = None,
     res = evaluate(pred, ey, cache.groups)
     acc = {k: res[k] for k in ACCURACY_KEYS}
     compute = dict(cpu_threads=threads) if on_cpu else {}  # the thread count changes the bits: recorded
+    fitted_on = {} if fit_split == "train" else dict(fit_split=fit_split)  # another fit, so another fit_id
     return FitResult(head=head, variant=variant, tau=tau, seed=int(seed), eval_split=eval_split, acc=acc,
                      per_class=res["per_class"], params=out.params, fit_seconds=seconds, device=str(dev),
-                     hparams={**hp, **out.chosen, **compute, "eval_split": eval_split}, ignored=ignored,
+                     hparams={**hp, **out.chosen, **compute, **fitted_on, "eval_split": eval_split}, ignored=ignored,
                      train_counts=counts, predictor=out.predict, pred=pred.astype(np.int64))
 
 

@@ -32,7 +32,7 @@ def _stage1_logits(data: HeadData, x):
     return torch.addmm(data.classifier_bias, x, data.classifier_weight.t())
 
 
-@register_head("softmax")
+@register_head("softmax", reads_train=False)
 def softmax_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Stage-1 softmax classifier from the cache, argmax(W x + b) (baseline)."""
     predict = lambda x: _stage1_logits(data, x).argmax(1)  # noqa: E731
@@ -44,7 +44,7 @@ def tau_norm_weight(W: torch.Tensor, p: float) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).pow(p)
 
 
-@register_head("tau-norm", defaults=dict(p=1.0), needs_val=lambda hp: hp["p"] == "auto")
+@register_head("tau-norm", defaults=dict(p=1.0), needs_val=lambda hp: hp["p"] == "auto", reads_train=False)
 def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Decoupling's tau-normalised classifier x . (W/||W||^p)^T, no bias; p = "auto": best p on val."""
     W = data.classifier_weight
@@ -62,7 +62,7 @@ def tau_norm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     return HeadOutput(predict(data.eval_x), dict(weight=to_numpy(Wn), **extra), chosen, predict)
 
 
-@register_head("posthoc-la", uses_tau=True, default_tau=1.0)
+@register_head("posthoc-la", uses_tau=True, default_tau=1.0, reads_train=False)
 def posthoc_la_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     """Post-hoc logit adjustment argmax(W x + b - tau log pi_y) (Menon et al. 2021)."""
     adjust = -tau * torch.log(data.train_counts / data.train_counts.sum())

@@ -65,7 +65,7 @@ def ncm_head(data: HeadData, hp: dict, tau: float) -> HeadOutput:
     tx = cl2n(data.train_x)
     C = data.num_classes
     mu = torch.zeros(C, data.dim, device=data.device).index_add_(0, data.train_y, tx)
-    mu = mu / data.train_counts[:, None]
+    mu = mu / torch.bincount(data.train_y, minlength=C).to(mu.dtype)[:, None]  # the samples averaged (not N_y)
     return HeadOutput(ncm_predict(cl2n(data.eval_x), mu),
                       dict(centroids=to_numpy(mu), empirical_centroids=to_numpy(mu), cl2n_center=to_numpy(center[0])),
                       predict=lambda x: ncm_predict(cl2n(x), mu))

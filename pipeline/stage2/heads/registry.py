@@ -32,21 +32,23 @@ class Head:
     default_tau: float = 0.0
     summary: str = ""
     needs_val: Callable = lambda hp: False  # whether the fit (not the evaluation) reads the val split
+    reads_train: bool = True  # whether the fit reads the training features (not so: the stage-1 classifier's)
 
 
 HEADS: dict[str, Head] = {}
 
 
-def register_head(name, *, defaults=None, uses_tau=False, default_tau=0.0, needs_val=None):
+def register_head(name, *, defaults=None, uses_tau=False, default_tau=0.0, needs_val=None, reads_train=True):
     """Register ``fn(data: HeadData, hp: dict, tau: float) -> HeadOutput`` under ``name``.
 
     ``needs_val(hp)`` says whether the head selects something on the val split (then ``data.val_x/val_y``
-    are filled; a cache without one is refused before fitting).
+    are filled; a cache without one is refused before fitting).  ``reads_train``: False for a head that only
+    rescales the stage-1 classifier (it ignores ``train_x``, so fitting it on another split means nothing).
     """
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
         HEADS[name] = Head(name, fn, dict(defaults or {}), uses_tau, float(default_tau), doc[0] if doc else "",
-                           needs_val or (lambda hp: False))
+                           needs_val or (lambda hp: False), bool(reads_train))
         return fn
     return deco
 
@@ -106,7 +108,8 @@ class HeadData:
     train_x: torch.Tensor          # [N, d]
     train_y: torch.Tensor          # [N] int64
     eval_x: torch.Tensor           # [M, d]
-    train_counts: torch.Tensor     # [C] float32, N_y
+    train_counts: torch.Tensor     # [C] float32, N_y of the training set (the prior of logit adjustment; with
+                                   # fit_split "test", train_x/train_y are the test split and this stays N_y)
     classifier_weight: torch.Tensor  # [C, d] stage-1 classifier
     classifier_bias: torch.Tensor    # [C]
     seed: int = 0
