@@ -181,6 +181,20 @@ def bn_recal_options(f):
     return f
 
 
+def run_images_options(f):
+    """--image-root, --train-split/--val-split/--test-split (the images of a finished run, beside --data-root)
+    and --device: what `recalibrate` and `snapshot` need to run a run's weights over its images again."""
+    for option in reversed([
+            click.option("--image-root", type=click.Path(path_type=Path), default=None,
+                         help="Split-file datasets: folder the listed paths are relative to (default --data-root)."),
+            click.option("--train-split", type=click.Path(path_type=Path), default=None),
+            click.option("--val-split", type=click.Path(path_type=Path), default=None),
+            click.option("--test-split", type=click.Path(path_type=Path), default=None),
+            click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")]):
+        f = option(f)
+    return f
+
+
 def _bn_recal_specs(data, sampler, passes) -> list:
     """Every combination of the --bn-recal-* values: one re-estimation method each (dicts of the keys of
     config.BN_RECAL_DEFAULT)."""
@@ -316,12 +330,7 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
 @click.option("--data-root", required=True, type=click.Path(path_type=Path),
               help="The images the run was trained on (as given to `pipeline extract`); checked by data hash.")
 @bn_recal_options
-@click.option("--image-root", type=click.Path(path_type=Path), default=None,
-              help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
-@click.option("--train-split", type=click.Path(path_type=Path), default=None)
-@click.option("--val-split", type=click.Path(path_type=Path), default=None)
-@click.option("--test-split", type=click.Path(path_type=Path), default=None)
-@click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
+@run_images_options
 def recalibrate(cache, data_root, bn_recal_data, bn_recal_sampler, bn_recal_passes, image_root,
                 train_split, val_split, test_split, device):
     """Add post-hoc BatchNorm re-estimation features to a finished cache, from the weights it holds.
@@ -346,12 +355,7 @@ def recalibrate(cache, data_root, bn_recal_data, bn_recal_sampler, bn_recal_pass
               help="The images the run was trained on (as given to `pipeline extract`); checked by data hash.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write the cache.  [default: <run>/snapshots/epoch-<e>/features.h5]")
-@click.option("--image-root", type=click.Path(path_type=Path), default=None,
-              help="Split-file datasets: folder the listed paths are relative to (default --data-root).")
-@click.option("--train-split", type=click.Path(path_type=Path), default=None)
-@click.option("--val-split", type=click.Path(path_type=Path), default=None)
-@click.option("--test-split", type=click.Path(path_type=Path), default=None)
-@click.option("--device", type=DEVICE, default="auto", help="auto, cpu, cuda, cuda:N.")
+@run_images_options
 def snapshot(cache, checkpoint, data_root, out, image_root, train_split, val_split, test_split, device):
     """A cache of an earlier epoch of CACHE's run, from a CHECKPOINT it wrote (e.g. a committed in-flight one).
 
