@@ -77,6 +77,10 @@ def test_snapshot_refuses_other_runs_other_images_and_other_files(run, tmp_path)
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         snapshot_cache(c, junk, ds, out=tmp_path / "x", log=lambda *a: None)
+    before = c.path.read_bytes()
+    with pytest.raises(UserError, match="is the run's own cache"):
+        snapshot_cache(c, run["early"], ds, out=c.path.parent, log=lambda *a: None)
+    assert c.path.read_bytes() == before
     assert not (tmp_path / "x").exists()
 
 

@@ -56,6 +56,12 @@ def snapshot_cache(cache, checkpoint, dataset: LTDataset, out=None, device="auto
     if diff:
         raise UserError(f"{checkpoint} is not a checkpoint of the run of {c.path} (have, cache): {diff}")
     epoch = int(ck["epoch"])
+    path = Path(out) if out is not None else snapshot_path(c, epoch)
+    if path.is_dir():
+        path = path / CACHE_FILE
+    if path.resolve() == Path(c.path).resolve():
+        raise UserError(f"out={path} is the run's own cache; write the snapshot elsewhere (default: "
+                        f"{snapshot_path(c, epoch)})")
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     model = create_model(cfg["backbone"], c.num_classes)
     model.load_state_dict(ck["model"])
@@ -74,9 +80,6 @@ def snapshot_cache(cache, checkpoint, dataset: LTDataset, out=None, device="auto
                 final_test_accuracy={k: at[k] for k in ACCURACY_KEYS} if at else None,
                 snapshot=dict(epoch=epoch, epochs=int(cfg["epochs"]), source_fingerprint=c.fingerprint,
                               precision_segments=ck.get("precision_segments")))
-    path = Path(out) if out is not None else snapshot_path(c, epoch)
-    if path.is_dir():
-        path = path / CACHE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_run_cache(path, dataset, model, features, rows, prov)
     log(f"wrote {path}: the weights of epoch {epoch} of {cfg['epochs']} of {c.path.parent.name} "
