@@ -263,6 +263,9 @@ def _bn_recal_specs(data, sampler, passes) -> list:
                    "native bf16); each epoch range's precision is recorded in the provenance.")
 @click.option("--image-store/--no-image-store", default=True,
               help="Keep decoded JPEGs under <cache-dir>/images and memory-map them on later runs.")
+@click.option("--keep-best-test", is_flag=True,
+              help="Also keep <run>/best_test_checkpoint.pt, the evaluated epoch of best test accuracy (BALMS's "
+                   "state_dict_best; optimistic: for `pipeline snapshot`, never the run's model).  Not identity.")
 def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache_dir, run_name, download,
             image_root, train_split, val_split, test_split, image_size, train_limit, test_limit, overwrite,
             deterministic, bn_recalibrate, bn_recal_data, bn_recal_sampler, bn_recal_passes, compile_mode,
@@ -276,6 +279,8 @@ def extract(dataset, data_root, imbalance, subset_seed, device, precision, cache
     import time
     from .stage1.pause import EXIT_PAUSED, RunPaused, parse_duration
     started = time.monotonic()
+    if not train_overrides.get("keep_best_test"):
+        train_overrides.pop("keep_best_test", None)  # absent, not False: the config of runs without it unchanged
     try:
         limit = parse_duration(time_limit) if time_limit is not None else None
     except UserError as e:

@@ -107,6 +107,7 @@ def test_snapshot_cli_writes_and_stage2_fits_on_it(tmp_path):
     runner = CliRunner()
     assert runner.invoke(cli, ["extract", *common]).exit_code == 0
     run = tmp_path / "cache" / "r"
+    assert "keep_best_test" not in read_cache(run).provenance["config"]  # no flag: the config as before it existed
     r = runner.invoke(cli, ["snapshot", str(run), str(run / "checkpoint.pt"), "--data-root", str(tmp_path / "data")])
     assert r.exit_code == 0, r.output
     assert "the weights of epoch 1 of 1" in r.output
@@ -118,3 +119,28 @@ def test_snapshot_cli_writes_and_stage2_fits_on_it(tmp_path):
     assert (snap / "results.csv").exists()
     r = runner.invoke(cli, ["snapshot", str(run), str(run / "nope.pt"), "--data-root", str(tmp_path / "data")])
     assert r.exit_code == 2 and "no checkpoint at" in r.output and "Traceback" not in r.output
+
+
+def test_keep_best_test_keeps_the_first_best_evaluated_epoch(tmp_path, monkeypatch):
+    """--keep-best-test: best_test_checkpoint.pt holds the weights of the first epoch with the best test
+    accuracy (scripted here: 50, 70, NaN (not evaluated), 70, 60), the same weights as a run stopped there;
+    without the flag there is no such file and the config has no key for it."""
+    from pipeline.stage1 import train as tr
+    from pipeline.stage1.checkpoint import BEST_TEST_FILE
+    script = {0: 50.0, 1: 70.0, 2: float("nan"), 3: 70.0, 4: 60.0}
+
+    def scripted(t, epoch, pause):
+        return dict(all=script[epoch], many=script[epoch], medium=script[epoch], few=float("nan"))
+    monkeypatch.setattr(tr, "_evaluate_epoch", scripted)
+    ds = tiny_dataset(size=32)
+    kw = dict(KW, epochs=5, deterministic=True)
+    extract(ds, tmp_path / "a", run="r", keep_best_test=True, **kw)
+    best = torch.load(tmp_path / "a" / "r" / BEST_TEST_FILE, map_location="cpu", weights_only=False)
+    assert best["epoch"] == 2 and read_cache(tmp_path / "a" / "r").provenance["config"]["keep_best_test"] is True
+    extract(ds, tmp_path / "b", run="r", stop_after=2, **kw)  # the same run, stopped after epoch 2
+    at2 = torch.load(tmp_path / "b" / "r" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert at2["epoch"] == 2
+    for k, v in at2["model"].items():
+        assert torch.equal(best["model"][k], v), k
+    assert not (tmp_path / "b" / "r" / BEST_TEST_FILE).exists()
+    assert "keep_best_test" not in at2["config"]

@@ -16,6 +16,9 @@ from ..utils import UserError, atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVE_FILE = "learning_curve.csv"
+# `extract --keep-best-test`: the checkpoint of the evaluated epoch with the best test accuracy so far, what
+# BALMS's code hands its second stages (state_dict_best); optimistic, for `pipeline snapshot` only
+BEST_TEST_FILE = "best_test_checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "curve", "identity", "config", "torch",
                    "precision_segments")
 CURVE_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", *ACCURACY_KEYS, "seconds")

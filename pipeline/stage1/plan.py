@@ -15,7 +15,7 @@ import torch
 from ..cache import CACHE_FILE, read_cache, run_name
 from ..config import COMPILE_MODES, DEFAULT_RECIPE, EVAL_POINTS, RECIPES, RUN_IDENTITY, method_variant
 from ..utils import UserError, check_writable_dir
-from .checkpoint import CHECKPOINT_FILE, CURVE_FILE, identity_diff
+from .checkpoint import BEST_TEST_FILE, CHECKPOINT_FILE, CURVE_FILE, identity_diff
 from .data import LTDataset
 from .distributed import Dist, bn_groups, resolve_sync_bn
 from .evaluate import recal_method
@@ -165,6 +165,6 @@ def plan_run(dataset: LTDataset, cache_dir, run, device, precision: str, dist: D
         plan.recal = _missing_variants(plan.cache_path, cfg, bn_recal, plan.methods, allow_precision_change, log)
         plan.done = True
     if overwrite:
-        for p in (run_dir / CHECKPOINT_FILE, run_dir / CURVE_FILE):
+        for p in (run_dir / CHECKPOINT_FILE, run_dir / CURVE_FILE, run_dir / BEST_TEST_FILE):
             p.unlink(missing_ok=True)
     return plan

@@ -23,7 +23,7 @@ from ..config import ACCURACY_KEYS, CHECKPOINT_EVERY, run_identity
 from ..metrics import class_groups, fmt_acc
 from ..utils import resolve_device
 from .augment import BatchAugment
-from .checkpoint import CHECKPOINT_FILE, CURVE_FILE, load_checkpoint, save_checkpoint, write_curve
+from .checkpoint import BEST_TEST_FILE, CHECKPOINT_FILE, CURVE_FILE, load_checkpoint, save_checkpoint, write_curve
 from .data import LTDataset
 from .distributed import SINGLE, Dist, revert_sync_bn, wrap_ddp
 from .evaluate import evaluate_test
@@ -165,6 +165,14 @@ def _evaluate_epoch(t: Trainer, epoch: int, pause: PauseControl) -> dict:
     return {k: acc[k] for k in ACCURACY_KEYS}
 
 
+def _new_best_test(rows: list) -> bool:
+    """Whether the last row is an evaluated epoch whose test accuracy (All) beats every earlier one (the first
+    maximum counts, as the report's best test epoch)."""
+    a = rows[-1]["all"]
+    earlier = [r["all"] for r in rows[:-1] if not math.isnan(r["all"])]
+    return not math.isnan(a) and a > max(earlier, default=-math.inf)
+
+
 def _build(cfg: dict, num_classes: int, device):
     """(model, optimizer, generator) of a fresh run: the seeded init, in channels_last."""
     torch.manual_seed(cfg["seed"])
@@ -224,9 +232,9 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
     if start_epoch < cfg["epochs"]:
         t = setup(dataset, cfg, model, opt, gen, device, dist, data_on, sync_bn, precision, log)
 
-        def save(epoch):  # rank 0 alone writes
+        def save(epoch, name=CHECKPOINT_FILE):  # rank 0 alone writes
             if dist.is_main:
-                save_checkpoint(run_dir / CHECKPOINT_FILE, model, opt, gen, epoch, rows, ident, cfg)
+                save_checkpoint(run_dir / name, model, opt, gen, epoch, rows, ident, cfg)
 
         if not _run_epochs(t, start_epoch, rows, save, pause or PauseControl(), stop_after, run_dir, log):
             return None, rows
@@ -258,6 +266,8 @@ def _run_epochs(t: Trainer, start_epoch: int, rows: list, save, pause: PauseCont
             f"Few {fmt_acc(row['few'])}  lr {row['lr']:.4f}  {row['seconds']:.1f}s  ETA {eta / 60:.1f} min")
         if t.dist.is_main:
             write_curve(run_dir / CURVE_FILE, rows)
+        if t.cfg.get("keep_best_test") and _new_best_test(rows):  # BALMS's state_dict_best: optimistic
+            save(epoch + 1, BEST_TEST_FILE)
         last, stop = epoch + 1 == epochs, stop_after is not None and epoch + 1 >= stop_after
         if last or (epoch + 1) % CHECKPOINT_EVERY == 0 or stop:
             save(epoch + 1)
