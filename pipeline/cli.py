@@ -501,8 +501,8 @@ def fit_head_cmd(cache_path, head, tau, variant, seed, epochs, batch_size, lr, n
     from .metrics import fmt_acc
     cache = read_cache(cache_path)
     res = fit_head(cache, head, variant=variant, tau=tau, seed=seed, device=device, eval_split=eval_split,
-                   threads=threads, fit_split=fit_split, epochs=epochs, batch_size=batch_size, lr=lr, num_centroids=num_centroids,
-                   metric=metric, distance=distance, p=p, cl2n=cl2n)
+                   threads=threads, fit_split=fit_split, epochs=epochs, batch_size=batch_size, lr=lr,
+                   num_centroids=num_centroids, metric=metric, distance=distance, p=p, cl2n=cl2n)
     row = record_fit(cache, res, results_path)
     tau_s = f"  tau {res.tau:g}" if res.tau else ""
     tau_s += f"  p {res.hparams['p']:g} (chosen on val)" if res.hparams.get("p_select") == "val" else ""
