@@ -36,6 +36,9 @@ def _options(head: str, hp: dict) -> str:
     for k, v in sorted(hp.items()):
         if k in _NOT_OPTIONS or (k in defaults and _same(v, defaults[k])):
             continue
+        if k == "fit_split":  # `fit-head --fit-split test`: BALMS's CIFAR train_plain, never a paper cell
+            parts.append(f"fitted on the {v} images (a leak)")
+            continue
         parts.append(f"{k}={v}" + (" (chosen on val)" if k == "p" and hp.get("p_select") == "val" else ""))
     return ", ".join(parts)
 
