@@ -110,18 +110,22 @@ def _pause_before_features(dataset: LTDataset, cfg: dict, pause: PauseControl, m
                         ", before extracting the features of the finished run")
 
 
+def describe_device(dev) -> str:
+    """The device as provenance records it: 'cuda:0 (NVIDIA H200)', 'cpu (x86_64, 2 threads)'."""
+    return str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
+                       f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+
+
 def run_provenance(dataset: LTDataset, plan: Plan, model, rows: list, commit: str, dev, deterministic: bool,
                    train_seconds: float, dist: Dist, on: str) -> dict:
     """The cache's provenance: what the run is (config, data, weights) and how it was made."""
     cfg = plan.cfg
-    device = str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
-                         f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     return dict(
         dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
         backbone=cfg["backbone"], epochs=cfg["epochs"], seed=cfg["seed"], config=cfg,
         checkpoint_sha256=sha256_file(plan.run_dir / CHECKPOINT_FILE), weights_sha256=weights_sha256(model),
         git_commit=commit, torch_version=torch.__version__, created=now_iso(), data_source=dataset.source,
-        device=device, deterministic=deterministic, train_seconds=round(train_seconds, 1),
+        device=describe_device(dev), deterministic=deterministic, train_seconds=round(train_seconds, 1),
         distributed=dict(dist.describe(), sync_bn=plan.sync_bn, data_on=on),
         image_store=dataset.extra.get("image_store"),
         final_test_accuracy={k: rows[-1][k] for k in ACCURACY_KEYS} if rows else None)

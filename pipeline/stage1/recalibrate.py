@@ -59,21 +59,31 @@ def dataset_for_cache(c: FeatureCache, data_root, image_root=None, split_files=(
                             train_limit=cfg.get("train_limit"), test_limit=cfg.get("test_limit"))
 
 
+def check_run_images(c: FeatureCache, dataset: LTDataset) -> None:
+    """UserError unless ``dataset`` holds the images ``c`` was made from (same data_hash)."""
+    if data_hash(dataset) != provenance_config(c.provenance).get("data_hash"):
+        raise UserError(f"the images given are not those {c.path} was made from (data_hash differs); point the "
+                        "data root at the run's data")
+
+
+def hold_run_images(dataset: LTDataset, cfg: dict, dev, data_on="auto", log=print):
+    """(Shard per split, the run's BatchAugment): a finished run's images placed to run weights over them again."""
+    on = resolve_data_on(data_on, dev, sum(sp.images.nbytes for sp in dataset.splits().values()), log)
+    held = {s: Shard(sp.images, dev, on) for s, sp in dataset.splits().items()}
+    return held, BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg.get("image_size"))
+
+
 def recalibrate_cache(cache, dataset: LTDataset, specs=None, device="auto", data_on="auto", log=print) -> Path:
     """Add the features of each BN re-estimation method in ``specs`` (dicts of data, sampler, passes; default
     [config.BN_RECAL_DEFAULT]) to the cache at ``cache``, computed from the weights it holds on the images
     of ``dataset`` (which must be the run's: same data_hash).  Returns the cache's path."""
     c = cache if isinstance(cache, FeatureCache) else read_cache(cache)
     cfg = provenance_config(c.provenance)
-    if data_hash(dataset) != cfg.get("data_hash"):
-        raise UserError(f"the images given are not those {c.path} was made from (data_hash differs); point the "
-                        "data root at the run's data")
+    check_run_images(c, dataset)
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     methods = [recal_method(cfg, **spec) for spec in (specs or [BN_RECAL_DEFAULT])]
     model = model_from_cache(c, dev)
-    on = resolve_data_on(data_on, dev, sum(sp.images.nbytes for sp in dataset.splits().values()), log)
-    held = {s: Shard(sp.images, dev, on) for s, sp in dataset.splits().items()}
-    aug = BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg.get("image_size"))
+    held, aug = hold_run_images(dataset, cfg, dev, data_on, log)
     features, named = {}, {}
     for m in methods:  # one at a time: a line each (minutes per method for CIFAR on a CPU)
         t, v = time.time(), method_variant(m)

@@ -4,29 +4,26 @@ BALMS's code (the paper's CIFAR stage 1) hands its second stages the weights of 
 accuracy (its ``final_model_checkpoint.pth`` holds only ``state_dict_best``), not the last ones.  To measure what
 that choice changes, a checkpoint the run wrote at epoch e (an in-flight ``checkpoint.pt``, e.g. one committed
 between sessions) becomes a cache of its own: the same images, the checkpoint's weights and classifier, the
-learning curve up to e, provenance ``snapshot`` = {epoch, epochs, source_fingerprint, checkpoint_sha256}.  It
+learning curve up to e, provenance ``snapshot`` = {epoch, epochs, source_fingerprint, precision_segments}.  It
 is written inside the run's folder, ``<run>/snapshots/epoch-<e>/features.h5``, so the report (which reads
 ``<cache root>/*/features.h5``) never takes it for the run; every stage-2 command works on it
 (``pipeline fit-head --cache <run>/snapshots/epoch-<e>``), and a report pointed at it flags it as not the
 paper's recipe."""
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
 
-from ..cache import CACHE_FILE, FeatureCache, provenance_config, read_cache, weights_sha256
+from ..cache import CACHE_FILE, FeatureCache, fingerprint, provenance_config, read_cache, weights_sha256
 from ..config import ACCURACY_KEYS
 from ..utils import UserError, git_commit, now_iso, resolve_device, sha256_file
-from .augment import BatchAugment
 from .checkpoint import identity_diff
 from .data import LTDataset
 from .evaluate import extract_features
-from .extract import write_run_cache
+from .extract import describe_device, write_run_cache
 from .models import create_model
-from .plan import data_hash
-from .shards import Shard, resolve_data_on
+from .recalibrate import check_run_images, hold_run_images
 
 SNAPSHOT_DIR = "snapshots"  # <run>/snapshots/epoch-<e>/features.h5
 
@@ -42,9 +39,7 @@ def snapshot_cache(cache, checkpoint, dataset: LTDataset, out=None, device="auto
     features only (`pipeline recalibrate` adds BN re-estimated ones).  Returns its path."""
     c = cache if isinstance(cache, FeatureCache) else read_cache(cache)
     cfg = provenance_config(c.provenance)
-    if data_hash(dataset) != cfg.get("data_hash"):
-        raise UserError(f"the images given are not those {c.path} was made from (data_hash differs); point the "
-                        "data root at the run's data")
+    check_run_images(c, dataset)
     try:
         ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (any unreadable file: one line)
@@ -66,22 +61,19 @@ def snapshot_cache(cache, checkpoint, dataset: LTDataset, out=None, device="auto
     model = create_model(cfg["backbone"], c.num_classes)
     model.load_state_dict(ck["model"])
     model = model.to(dev).to(memory_format=torch.channels_last).eval()
-    on = resolve_data_on(data_on, dev, sum(sp.images.nbytes for sp in dataset.splits().values()), log)
-    held = {s: Shard(sp.images, dev, on) for s, sp in dataset.splits().items()}
-    aug = BatchAugment(dataset.mean, dataset.std, dev, cfg["augment"], cfg.get("image_size"))
+    held, aug = hold_run_images(dataset, cfg, dev, data_on, log)
     features = extract_features(model, dataset, held, aug)
     rows = [r for r in ck["curve"] if int(r["epoch"]) <= epoch]
     at = rows[-1] if rows and int(rows[-1]["epoch"]) == epoch else None
     prov = {k: v for k, v in c.provenance.items() if k not in ("bn_recal_methods", "train_seconds", "feature_dtype")}
     prov.update(weights_sha256=weights_sha256(model), checkpoint_sha256=sha256_file(checkpoint),
                 git_commit=git_commit(), torch_version=torch.__version__, created=now_iso(),
-                device=str(dev) + (f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                                   "threads)" if dev.type == "cpu" else ""),
+                device=describe_device(dev),
                 final_test_accuracy={k: at[k] for k in ACCURACY_KEYS} if at else None,
                 snapshot=dict(epoch=epoch, epochs=int(cfg["epochs"]), source_fingerprint=c.fingerprint,
                               precision_segments=ck.get("precision_segments")))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_run_cache(path, dataset, model, features, rows, prov)
     log(f"wrote {path}: the weights of epoch {epoch} of {cfg['epochs']} of {c.path.parent.name} "
-        f"(fingerprint {read_cache(path).fingerprint})")
+        f"(fingerprint {fingerprint(prov)})")
     return path
