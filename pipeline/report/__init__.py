@@ -214,7 +214,7 @@ def build_report(cache_root="cache", out_dir="reports", figures: bool = True, to
 
 def missing_extract_commands(cache_root="cache", data_roots: dict | None = None) -> list:
     """`pipeline extract` commands for the configurations the tables/figures need but no cache of the paper's
-    recipe and budget has (a shorter run, e.g. the shipped 2,000-iteration cache, fills cells meanwhile but
+    recipe and budget has (a shorter run, e.g. a 2,000-iteration cache, fills cells meanwhile but
     does not count), and for caches whose bn_recal features are missing or made by another method than
     config.BN_RECAL_DEFAULT (extract adds them from the cache's weights, without training)."""
     ctx = load_context(cache_root, data_roots)
