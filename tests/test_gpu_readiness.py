@@ -135,10 +135,19 @@ def test_metric_heads_predict_centred(monkeypatch):
 
 # sha256[:16] of every parameter array (sorted by name) of a 2-epoch CPU fit, seed 7, on test_heads' HARD
 # synthetic cache, one intra-op thread (reductions split over threads round differently), computed at 87e718d
-# (device-side sampler): host-side draws and centred predictions leave CPU fits as they were.
-FIT_DIGESTS = {"crt": "b97b314ca97a6ba9", "learned-ncm": "0de476d9145bafdf", "local-projection": "f498f528b1dafd2b",
-               "lws": "c34bcc27dbb03cfe", "metric-ncm": "876821a2aea3ed6b", "multi-ncm": "74c53c05374f7e93",
-               "tau-norm": "cbfa4b37a030611f"}
+# (device-side sampler): host-side draws and centred predictions leave CPU fits as they were.  Per CPU kernel
+# set (torch.backends.cpu.get_cpu_capability()): AVX512 GEMMs round differently from AVX2 ones; the AVX512 row
+# was computed at 8e6c8c3, where no fit code had changed since the AVX2 row last passed (1afded3).
+FIT_DIGESTS_BY_CAPABILITY = {
+    "AVX2": {"crt": "b97b314ca97a6ba9", "learned-ncm": "0de476d9145bafdf", "local-projection": "f498f528b1dafd2b",
+             "lws": "c34bcc27dbb03cfe", "metric-ncm": "876821a2aea3ed6b", "multi-ncm": "74c53c05374f7e93",
+             "tau-norm": "cbfa4b37a030611f"},
+    "AVX512": {"crt": "1f00c6d014ceaedc", "learned-ncm": "8ba91959bf400c7f", "local-projection": "25aa23d99b94c366",
+               "lws": "77c89b23a6a9cb54", "metric-ncm": "ff7a6d571a0aa18b", "multi-ncm": "4a01a6dfa0d22e6c",
+               "tau-norm": "cbfa4b37a030611f"},
+}
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+FIT_DIGESTS = FIT_DIGESTS_BY_CAPABILITY.get(CAPABILITY)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +158,9 @@ def hard_cache(tmp_path_factory):
     return read_cache(make_synthetic_cache(tmp_path_factory.mktemp("c") / "features.h5", **HARD))
 
 
-@pytest.mark.parametrize("head", sorted(FIT_DIGESTS))
+@pytest.mark.skipif(FIT_DIGESTS is None, reason=f"no CPU fit digests recorded for {CAPABILITY} kernels (only "
+                    f"{', '.join(FIT_DIGESTS_BY_CAPABILITY)}); they round differently")
+@pytest.mark.parametrize("head", sorted(FIT_DIGESTS_BY_CAPABILITY["AVX2"]))
 def test_cpu_fit_numbers_unchanged(hard_cache, head):
     import hashlib
     from pipeline.stage2.fit import fit_head
