@@ -28,6 +28,14 @@ def test_there_is_a_shipped_cache():
     assert SHIPPED, "no cache/<run>/features.h5 is tracked in git; run_all.sh on a fresh clone would have no input"
 
 
+def test_shipped_caches_fit_the_budget():
+    """Issue 12: every shipped cache together <= 50 MB, so a clone (and the working tree a GPU session
+    carries, <= 64 MiB) stays small; the next cache to ship must fit beside the others."""
+    total = sum(p.stat().st_size for p in SHIPPED)
+    assert total <= 50e6, (f"shipped caches take {total / 1e6:.1f} MB together (> 50 MB): "
+                           + ", ".join(f"{p.parent.name} {p.stat().st_size / 1e6:.1f}" for p in SHIPPED))
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
 def test_shipped_cache_is_valid_and_consistent(path):
     c = read_cache(path)
