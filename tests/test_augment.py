@@ -237,3 +237,39 @@ def test_draws_follow_the_generator_device():
     assert draw_device(None) == CPU and draw_device(torch.Generator()) == CPU
     t = torch.arange(3)
     assert to_device(t, "cpu") is t
+
+
+def test_aa_fill_share_benchmark_matches_exact_expectation():
+    """benchmarks/aa_fill_share.py (the README's "6.6% of training pixels") against the exact expectation:
+    every sub-policy x applied/not x sign of its geometric ops, weighted by its probability, on one white image."""
+    import itertools
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import aa_fill_share
+    finally:
+        sys.path.pop(0)
+    share, reached = 0.0, {"Rotate": 0.0, "Shear": 0.0, "Translate": 0.0}
+    for pol in CIFAR10_POLICY:
+        ops = [(op, p, b) for op, p, b in pol]
+        for app in itertools.product((True, False), repeat=2):
+            for neg in itertools.product((False, True), repeat=2):
+                w = 1 / 25
+                x = torch.full((1, 1, 32, 32), 255, dtype=torch.uint8)
+                for (op, p, b), a, ng in zip(ops, app, neg):
+                    mag, signed = op_magnitude(op, b, 32, 32)
+                    w *= (p if a else 1 - p) * (0.5 if signed else (1.0 if not ng else 0.0))
+                    if a and op in aa_fill_share.GEOMETRIC:
+                        x = apply_op(x, op, -mag if ng else mag)
+                if w == 0:
+                    continue
+                share += w * (x == 0).float().mean().item()
+                for name in reached:   # an image counts once per op kind, even if two of its ops are that kind
+                    if any(a and op.startswith(name) for (op, _, _), a in zip(ops, app)):
+                        reached[name] += w
+    m = aa_fill_share.measure(20000, seed=0)
+    assert abs(m["fill_share"] - share) < 0.005, (m["fill_share"], share)   # se ~0.001 at 20,000 draws
+    for name, p in reached.items():
+        assert abs(m["images_reached"][name] - p) < 4 * math.sqrt(p * (1 - p) / 20000), (name, m, reached)
+    assert 0.05 < share < 0.08   # the README quotes 6.6%
