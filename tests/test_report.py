@@ -837,3 +837,33 @@ def test_reproduction_summary_counts_the_papers_recipe_apart(tmp_path):
     assert [c.strip() for c in row[2:4]] == ["2", "2"] and [c.strip() for c in row[7:9]] == ["1", "1"], row
     # the final epoch vs the best test epoch, on the learning curve's one-decimal values: 61.3 - 58.0
     assert "| `full` | 3 of 10 | 4 | 2 | +3.3 / +0.5 / +10.0 / n/a |" in readme
+
+
+def test_a_beta10_cache_every_class_many_fills_its_all_cells_and_nothing_else(tmp_path):
+    """CIFAR-10-LT beta=10 (5,000 down to 500 images): every class is Many, so the paper has All only (Tables 2,
+    7) and the report shows Many beside n/a for Medium / Few instead of failing on the empty groups."""
+    from pipeline.config import BN_RECAL_DEFAULT
+    root = tmp_path / "cache"
+    nan = float("nan")
+    curve = dict(epoch=np.arange(1, 5, dtype=float), all=np.array([nan, 88.0, 90.04, 89.0]),
+                 many=np.array([nan, 88.0, 90.04, 89.0]), medium=np.full(4, nan), few=np.full(4, nan))
+    d = _paper_like_cache(root, 13000, dict(BN_RECAL_DEFAULT, seed=0), beta=10.0, name="b10", curve=curve,
+                          counts=(150,) * 10)
+    # paper beta=10 All: Softmax 90.3, NCM 91.2, cRT 91.3
+    write_fit(d, "softmax", acc={"all": 89.04, "many": 89.04})  # 89.0: -1.3
+    write_fit(d, "ncm", acc={"all": 91.04, "many": 91.04})      # 91.0: -0.2, within 1; gain +2.0 vs +0.9
+    write_fit(d, "crt", acc={"all": 80.0, "many": 80.0})
+    rp.build_report(str(root), tmp_path / "out", figures=False)
+    csv7 = pd.read_csv(tmp_path / "out" / "table7.csv")
+    b10 = csv7[(csv7["imbalance"] == 10.0) & csv7["ours"].notna()]
+    assert sorted(zip(b10["method"], b10["metric"], b10["ours"].round(1))) == [
+        ("NCM", "all", 91.0), ("Softmax", "all", 89.0)], b10
+    csv2 = pd.read_csv(tmp_path / "out" / "table2.csv")
+    b10 = csv2[(csv2["dataset"] == "cifar10-lt") & (csv2["imbalance"] == 10.0) & csv2["ours"].notna()]
+    assert sorted(zip(b10["method"], b10["paper"], b10["ours"].round(1))) == [
+        ("Decoupling (cRT) †", 91.3, 80.0), ("NCM", 91.2, 91.0)], b10
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| NCM | CIFAR-10-LT β=10 | All | +2.0 | +0.9 | +1.1 | no | yes | table7 |" in readme
+    assert "| `b10` | 3 of 10 | 4 | 3 | +1.0 / +1.0 / n/a / n/a |" in readme
+    stage1 = readme.split("### Stage-1 features")[1].split("## ")[0]
+    assert [ln.split("|")[2].strip() for ln in stage1.splitlines() if ln.startswith("| `b10`")] == ["Many"]
