@@ -231,8 +231,9 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
               + ". Numbers from them are not comparable one-to-one with the paper.", ""]
     jpeg = [c for c in infos if c.run in used_runs and c.data_label() == "CIFAR-10 (JPEG q75)"]
     if jpeg:
+        # not "slightly below lossless": with no lossless copy offline that gap is unmeasured (README, deviations)
         L += ["> CIFAR-10 numbers come from **CIFAR-10 (JPEG q75)** (the offline copy re-encoded as JPEG quality 75); "
-              "they can sit slightly below numbers on the lossless images.", ""]
+              "how far that moves them from numbers on the lossless images is not measured here.", ""]
     L += ["## Runs behind the numbers", ""]
     if infos:
         L += ["| run | dataset | data | β | stage-1 budget | seed | variants | machine | created | commit | "
