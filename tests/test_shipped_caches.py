@@ -1,9 +1,11 @@
 """The reference caches shipped in git (cache/<run>/features.h5): valid, self-consistent, and their stored
 weights reproduce their stored features from the real images."""
+import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -74,3 +76,17 @@ def test_shipped_weights_reproduce_shipped_features(path):
     per_class = np.bincount(c.split("test")[1])
     rows = np.concatenate([np.arange(k) + per_class[:i].sum() for i in range(c.num_classes)])
     np.testing.assert_allclose(f, c.split("test", "plain")[0][rows], rtol=1e-4, atol=1e-4)
+
+
+def test_committed_reports_come_from_the_shipped_caches():
+    """Shipping a cache means rebuilding reports/ (./run_all.sh) in the same commit: every shipped run has its
+    reports/heads/<run>.csv fitted on that very cache, and no table cell comes from a cache that is not shipped."""
+    shipped = {p.parent.name: read_cache(p).fingerprint for p in SHIPPED}
+    heads = {p.stem: p for p in (ROOT / "reports" / "heads").glob("*.csv")}
+    assert sorted(heads) == sorted(shipped), "reports/heads/ and cache/ disagree: run ./run_all.sh and commit reports/"
+    for run, path in heads.items():
+        assert set(pd.read_csv(path, dtype=str)["cache_fingerprint"]) == {shipped[run]}, run
+    for table in sorted((ROOT / "reports").glob("table*.csv")):
+        cells = pd.read_csv(table, dtype=str)["cache_fingerprints"].dropna()
+        used = {fp for cell in cells for fp in re.findall(r"[0-9a-f]{16}", cell)}
+        assert used <= set(shipped.values()), f"{table.name} has cells from caches not shipped: {used - set(shipped.values())}"
