@@ -222,7 +222,8 @@ def _bn_recal_specs(data, sampler, passes) -> list:
 @click.option("--weight-decay", type=NONNEG, default=None)
 @click.option("--warmup-epochs", type=NONNEG_INT, default=None)
 @click.option("--augment", type=click.Choice(AUGMENT_KINDS), default=None,
-              help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; imagenet = random-resized-crop+flip.")
+              help="cifar = crop+flip; cifar-autoaug = + AutoAugment + Cutout; cifar-autoaug-balms = the same with "
+                   "BALMS's own AutoAugment ops; imagenet = random-resized-crop+flip.")
 @click.option("--eval-every", type=POSITIVE_INT, default=None,
               help="Test-set learning-curve point every N epochs (always the last).  [default: ~50 points]")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default="auto",

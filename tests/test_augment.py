@@ -273,3 +273,96 @@ def test_aa_fill_share_benchmark_matches_exact_expectation():
     for name, p in reached.items():
         assert abs(m["images_reached"][name] - p) < 4 * math.sqrt(p * (1 - p) / 20000), (name, m, reached)
     assert 0.05 < share < 0.08   # the README quotes 6.6%
+
+
+# ---- BALMS's own AutoAugment (recipe balms) -------------------------------------------------------
+
+def _smooth_images(b, seed=0):
+    """Photo-like uint8 images [b,32,32,3]: bilinear 4x upsampling of random 8x8 ones (bicubic on white noise
+    magnifies the kernel difference far beyond what a photo shows)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (32, 32), Image.BILINEAR)) for _ in range(b)])
+
+
+def _deepvoltaire(img, op, m):
+    """DeepVoltaire's SubPolicy ops (the AutoAugment BALMS imports) on one HxWx3 array, magnitude signed."""
+    from PIL import Image, ImageOps
+    im, fc = Image.fromarray(img), (128, 128, 128)
+    if op == "ShearX":
+        out = im.transform(im.size, Image.AFFINE, (1, m, 0, 0, 1, 0), Image.BICUBIC, fillcolor=fc)
+    elif op == "ShearY":
+        out = im.transform(im.size, Image.AFFINE, (1, 0, 0, m, 1, 0), Image.BICUBIC, fillcolor=fc)
+    elif op == "TranslateX":
+        out = im.transform(im.size, Image.AFFINE, (1, 0, m * im.size[0], 0, 1, 0), fillcolor=fc)
+    elif op == "TranslateY":
+        out = im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, m * im.size[1]), fillcolor=fc)
+    elif op == "Rotate":  # rotate_with_fill
+        rot = im.convert("RGBA").rotate(m)
+        out = Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert(im.mode)
+    elif op == "Solarize":
+        out = ImageOps.solarize(im, m)
+    return np.asarray(out).astype(int)
+
+
+DEEPVOLTAIRE_RANGES = {"ShearX": np.linspace(0, 0.3, 10), "ShearY": np.linspace(0, 0.3, 10),
+                       "TranslateX": np.linspace(0, 150 / 331, 10), "TranslateY": np.linspace(0, 150 / 331, 10),
+                       "Rotate": np.linspace(0, 30, 10), "Solarize": np.linspace(256, 0, 10)}
+
+
+@pytest.mark.parametrize("op", sorted(DEEPVOLTAIRE_RANGES))
+def test_balms_ops_match_deepvoltaire_pil(op):
+    """Each op of `cifar-autoaug-balms` against DeepVoltaire's PIL code at every magnitude bin and sign:
+    Translate and Solarize pixel for pixel; Rotate but for nearest-neighbour ties (< 0.2% of pixels); Shear
+    bicubic with the grey fill on PIL's pixels (but for ties at the border) and the rest within 4 levels
+    (grid_sample's cubic kernel has a = -0.75, PIL's -0.5)."""
+    from pipeline.stage1.augment import apply_op_balms, balms_magnitude
+    imgs = _smooth_images(12)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+    for bin_idx in range(10):
+        mag, signed = balms_magnitude(op, bin_idx, 32, 32)
+        assert signed == (op not in ("Rotate", "Solarize"))  # Rotate: counter-clockwise only
+        for sign in ((1, -1) if signed else (1,)):
+            ref = np.stack([_deepvoltaire(i, op, sign * DEEPVOLTAIRE_RANGES[op][bin_idx]) for i in imgs])
+            # torchvision translates by +t where PIL's affine offset is -t
+            ours_mag = -sign * mag if op.startswith("Translate") else sign * mag
+            ours = apply_op_balms(x, op, ours_mag).permute(0, 2, 3, 1).numpy().astype(int)
+            fill_ours, fill_ref = (ours == 128).all(-1), (ref == 128).all(-1)
+            if op.startswith("Shear"):
+                assert (fill_ours != fill_ref).mean() < 0.002, (bin_idx, sign)
+                if bin_idx:
+                    assert fill_ref.sum() > 12 * (bin_idx + 1)  # the sheared-in corner is grey
+                both = ~(fill_ours ^ fill_ref)
+                assert np.abs(ours - ref)[both].max() <= 4 and np.abs(ours - ref).mean() < 1.0, (bin_idx, sign)
+            elif op == "Rotate":
+                assert (ours != ref).any(-1).mean() < 0.002, bin_idx
+                assert fill_ref.sum() >= 12 * 4 * bin_idx  # the rotated-in corners are grey
+            else:
+                np.testing.assert_array_equal(ours, ref, err_msg=f"{op} bin {bin_idx} sign {sign}")
+
+
+def test_balms_kind_makes_the_paper_draws_and_differs_only_in_its_ops():
+    """`cifar-autoaug-balms` consumes the generator exactly as `cifar-autoaug` (same crops, sub-policies, coin
+    flips, Cutout boxes), so the two kinds differ only in images that drew a geometric op or Solarize; a Rotate
+    drawn negative turns counter-clockwise."""
+    from pipeline.stage1.augment import BALMS_OPS, apply_op_balms, balms_magnitude
+    x = _images(256, seed=4)
+    outs, states = {}, {}
+    for kind in ("cifar-autoaug", "cifar-autoaug-balms"):
+        g = torch.Generator().manual_seed(9)
+        outs[kind] = BatchAugment((0, 0, 0), (1 / 255,) * 3, CPU, kind, generator=g)(x)
+        states[kind] = g.get_state()
+    assert torch.equal(states["cifar-autoaug"], states["cifar-autoaug-balms"])
+    g = torch.Generator().manual_seed(9)
+    torch.rand(256, generator=g), torch.randint(0, 9, (256,), generator=g), torch.randint(0, 9, (256,), generator=g)
+    sub, applied, negated = draw_autoaugment(256, CPU, g)
+    other_op = torch.tensor([any(applied[i, j] and CIFAR10_POLICY[int(sub[i])][j][0] in BALMS_OPS
+                                  for j in range(2)) for i in range(256)])
+    differs = (outs["cifar-autoaug"] != outs["cifar-autoaug-balms"]).flatten(1).any(1)
+    assert not differs[~other_op].any() and differs[other_op].float().mean() > 0.8
+    # sub-policy 1 = (Rotate 0.7 bin 2, TranslateX 0.3 bin 9): negated Rotate alone, against the reference
+    one = torch.tensor([1]), torch.tensor([[True, False]]), torch.tensor([[True, False]])
+    mag, _ = balms_magnitude("Rotate", 2, 32, 32)
+    assert torch.equal(autoaugment(x[:1], *one, balms=True), apply_op_balms(x[:1], "Rotate", mag))
+    assert not torch.equal(autoaugment(x[:1], *one), apply_op_balms(x[:1], "Rotate", mag))

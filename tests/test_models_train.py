@@ -285,3 +285,51 @@ def test_read_cache_refuses_foreign_and_mismatch(tmp_path):
         f.attrs["schema_version"] = 99
     with pytest.raises(UserError, match="schema version 99"):
         read_cache(p)
+
+
+def test_balms_recipe_is_paper_with_balms_code_and_leaves_paper_identity_alone():
+    """`--recipe balms` = `paper` + BALMS's AutoAugment, dropped partial batch and default final-layer init.
+    Epochs and warm-up count the partial batch as BALMS does (ceil); the new identity keys are absent from a
+    `paper` config, so no shipped cache or in-flight checkpoint changes fingerprint."""
+    from pipeline.config import run_identity
+    from pipeline.utils import UserError
+    ds = _fake_cifar10_lt()
+    paper = resolve_config(ds, recipe="paper", precision="fp32")
+    balms = resolve_config(ds, recipe="balms", precision="fp32")
+    assert (balms["steps_per_epoch"], balms["epochs"], balms["warmup_epochs"]) == (24, 520, 32)  # 12,480 steps
+    assert (balms["augment"], balms["drop_last"], balms["fc_init"]) == ("cifar-autoaug-balms", True, "default")
+    ip, ib = run_identity(paper), run_identity(balms)
+    assert "drop_last" not in ip and "fc_init" not in ip
+    assert {k for k in ib if ib[k] != ip.get(k)} == {"recipe", "augment", "drop_last", "fc_init"}
+    with pytest.raises(UserError, match="smaller than one batch"):
+        resolve_config(_fake_cifar10_lt(300), recipe="balms")
+
+
+def test_fc_init_default_redraws_only_the_final_layer():
+    from pipeline.stage1.models import create_model
+    torch.manual_seed(0)
+    ldam = create_model("resnet32", 10)
+    torch.manual_seed(0)
+    default = create_model("resnet32", 10, fc_init="default")
+    assert torch.equal(ldam.conv1.weight, default.conv1.weight)  # the backbone's init is untouched
+    assert ldam.fc.weight.abs().max() > 1 / 8 and ldam.fc.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.15)
+    # nn.Linear's default: kaiming-uniform a=sqrt(5), U(-1/sqrt(64), 1/sqrt(64)), std 1/sqrt(3*64)
+    assert default.fc.weight.abs().max() <= 1 / 8
+    assert default.fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 64), rel=0.15)
+
+
+def test_balms_recipe_trains_whole_batches_only(tmp_path, monkeypatch):
+    """26 images at batch 8: `paper` takes 4 steps an epoch (8, 8, 8, 2), `balms` 3 (the partial batch
+    skipped, as BALMS's loop stops at int(N / batch)); and `balms` builds its model with fc_init default."""
+    import pipeline.stage1.train as tr
+    ds = tiny_dataset(per_class=(12, 8, 4, 2))
+    steps, inits = [], []
+    real_step, real_create = tr.train_step, tr.create_model
+    monkeypatch.setattr(tr, "train_step", lambda m, o, x, *a, **k: steps.append(len(x)) or real_step(m, o, x, *a, **k))
+    monkeypatch.setattr(tr, "create_model", lambda *a: inits.append(a[2:]) or real_create(*a))
+    for recipe in ("paper", "balms"):
+        steps.clear()
+        cfg = resolve_config(ds, recipe=recipe, epochs=2, batch_size=8, warmup_epochs=1, precision="fp32")
+        train(ds, cfg, tmp_path / recipe, "cpu", deterministic=True, log=lambda *a: None)
+        assert steps == ([8, 8, 8, 2] * 2 if recipe == "paper" else [8, 8, 8] * 2), recipe
+    assert inits == [(None,), ("default",)]

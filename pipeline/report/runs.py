@@ -87,6 +87,8 @@ def budget(c) -> str:
     if spe and c.epochs:
         done = int(c.epochs) * int(spe)  # whole epochs: a budget that is not a multiple of an epoch rounds up
         more = f"; the recipe's {int(it):,} rounded up to whole epochs" if it and done != int(it) else ""
+        if c.config.get("drop_last") and it:  # recipe balms: epochs counted with the partial batch, then skipped
+            more = f"; the recipe's {int(it):,} counted with each epoch's partial batch, which it skips as BALMS does"
         return f"{done:,} iterations ({c.epochs} epochs of {int(spe)} steps{more})"
     if it and not c.epochs:
         return f"{int(it):,} iterations"

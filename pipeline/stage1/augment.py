@@ -7,6 +7,8 @@ images that drew the same parameters.
 Kinds (``BatchAugment(kind=...)``, the recipe's ``augment`` field):
   cifar          RandomCrop(32, padding=4) on zero padding + RandomHorizontalFlip         (LDAM-DRW)
   cifar-autoaug  the above + AutoAugment (CIFAR-10 policy) + Cutout(1 hole, 16 px)        (Balanced Meta-Softmax)
+  cifar-autoaug-balms  the same draws, with the geometric ops of BALMS's own AutoAugment (DeepVoltaire's PIL
+                 copy): grey fill, Rotate counter-clockwise only, Shear bicubic, Translate rounded  (recipe balms)
   imagenet       RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + RandomHorizontalFlip   (Decoupling)
 
 AutoAugment: each image draws its own sub-policy (uniform over torchvision's 25 CIFAR-10 sub-policies), and
@@ -46,6 +48,54 @@ def apply_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
                                                fill=_AA._fill)
 
 
+# BALMS's AutoAugment (DeepVoltaire's CIFAR10Policy on PIL images): the same 25 sub-policies, probabilities
+# and magnitude bins as torchvision's; it differs in the geometric ops and in Solarize's thresholds.
+BALMS_FILL = 128  # fillcolor=(128, 128, 128) of Shear / Translate, and rotate_with_fill's grey
+_BALMS_FILL_ARG = {"others": [float(BALMS_FILL)] * 3}  # torchvision's per-type fill (cf. _AA._fill)
+BALMS_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Solarize")  # where the two differ
+
+
+def balms_magnitude(op: str, bin_idx, height: int, width: int) -> tuple[float, bool]:
+    """BALMS's magnitude of `op` at `bin_idx` and whether it is signed (see op_magnitude)."""
+    mag, signed = op_magnitude(op, bin_idx, height, width)
+    if op == "Rotate":
+        return mag, False  # rotate_with_fill(img, magnitude): always counter-clockwise
+    if op.startswith("Translate"):
+        # PIL's nearest AFFINE at a fractional offset is the rounded shift (torchvision truncates: int())
+        return float(math.floor(mag + 0.5)), signed
+    if op == "Solarize":
+        return mag * 256 / 255, signed  # thresholds np.linspace(256, 0, 10) (torchvision: 255 -> 0)
+    return mag, signed
+
+
+def shear_bicubic(x: torch.Tensor, op: str, m: float, fill: int = BALMS_FILL) -> torch.Tensor:
+    """PIL's ``img.transform(size, AFFINE, (1, m, 0, 0, 1, 0) or (1, 0, 0, m, 1, 0), BICUBIC, fillcolor)`` on a
+    uint8 batch: the output pixel centred at (u, v) (from the top-left corner) reads the input at (u + m v, v)
+    (ShearX) or (u, v + m u) (ShearY), bicubic with the border pixels repeated, and is `fill` where that point
+    lies outside the image.  grid_sample's bicubic kernel has a = -0.75 (PIL's: -0.5)."""
+    b, c, h, w = x.shape
+    v, u = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5,
+                          indexing="ij")
+    if op == "ShearX":
+        u = u + m * v
+    else:
+        v = v + m * u
+    grid = torch.stack((2 * u / w - 1, 2 * v / h - 1), -1).expand(b, h, w, 2)
+    y = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    outside = (u < 0) | (u >= w) | (v < 0) | (v >= h)
+    return y.round().clamp(0, 255).to(torch.uint8).masked_fill(outside, fill)
+
+
+def apply_op_balms(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
+    """One op of BALMS's AutoAugment on a uint8 batch (magnitude from balms_magnitude)."""
+    if op in ("ShearX", "ShearY"):
+        return shear_bicubic(x, op, magnitude)
+    if op == "Solarize" and magnitude > 1:  # threshold 256: no pixel reaches it (torchvision refuses > 255)
+        return x
+    return _AA._apply_image_or_video_transform(x, op, magnitude, interpolation=_AA.interpolation,
+                                               fill=_BALMS_FILL_ARG)
+
+
 def draw_autoaugment(b: int, device, generator=None):
     """Per-image draws: sub-policy index [b], op applied [b,2] (bool), op negated [b,2] (bool)."""
     sub = torch.randint(0, len(CIFAR10_POLICY), (b,), device=device, generator=generator)
@@ -72,17 +122,19 @@ def autoaugment_groups(sub, applied, negated) -> list[tuple[str, float, np.ndarr
     return groups
 
 
-def autoaugment(x: torch.Tensor, sub, applied, negated) -> torch.Tensor:
-    """Apply the drawn CIFAR-10 AutoAugment sub-policies to a uint8 batch [B,3,H,W] (a new tensor).
+def autoaugment(x: torch.Tensor, sub, applied, negated, balms: bool = False) -> torch.Tensor:
+    """Apply the drawn CIFAR-10 AutoAugment sub-policies to a uint8 batch [B,3,H,W] (a new tensor); with
+    ``balms`` the ops of BALMS's own AutoAugment (balms_magnitude, apply_op_balms) on the same draws.
 
     The decisions are grouped on the host (numpy) and every group's row indices reach the device in one
     copy, so on CUDA there is no host sync per group (the draws themselves should be host tensors: see
     :class:`BatchAugment`)."""
     h, w = x.shape[-2:]
+    magnitude, apply = (balms_magnitude, apply_op_balms) if balms else (op_magnitude, apply_op)
     out = x.clone()
     todo, index = [], []
     for k, j, op, bin_idx, members, app, neg in autoaugment_groups(sub, applied, negated):
-        mag, signed = op_magnitude(op, bin_idx, h, w)
+        mag, signed = magnitude(op, bin_idx, h, w)
         for sign in ((1.0, -1.0) if signed else (1.0,)):
             sel = app & (neg == (sign < 0)) if signed else app
             rows = members[sel]
@@ -96,7 +148,7 @@ def autoaugment(x: torch.Tensor, sub, applied, negated) -> torch.Tensor:
         flat = flat.pin_memory().to(x.device, non_blocking=True)
     for op, mag, start, n in todo:
         rows = flat[start:start + n]
-        out[rows] = apply_op(out[rows], op, mag)
+        out[rows] = apply(out[rows], op, mag)
     return out
 
 
@@ -237,18 +289,19 @@ class BatchAugment:
         # every draw first, on the generator's device (the image ops below consume no random numbers), then
         # the ops on the kept rows; the integer decisions reach the training device in one copy
         flip = torch.rand(b, device=hd, generator=g) < 0.5
-        if self.kind in ("cifar", "cifar-autoaug"):
+        if self.kind.startswith("cifar"):
+            autoaug = self.kind.startswith("cifar-autoaug")
             i = torch.randint(0, 9, (b,), device=hd, generator=g)
             j = torch.randint(0, 9, (b,), device=hd, generator=g)
             ints = [i, j, flip.long()]
-            if self.kind == "cifar-autoaug":
+            if autoaug:
                 aa = draw_autoaugment(b, hd, g)
                 ints += draw_cutout(b, h, w, hd, g)
             i, j, flip, *cyx = to_device(torch.stack([t[keep] for t in ints]), self.device)
             x = pad_crop_flip(x, i, j, flip.bool())
-            if self.kind == "cifar-autoaug":
+            if autoaug:
                 # BALMS order: crop, flip, AutoAugment (PIL, uint8), ToTensor, Cutout, Normalize
-                x = autoaugment(x, *(t[keep] for t in aa))  # grouped on the host
+                x = autoaugment(x, *(t[keep] for t in aa), balms=self.kind == "cifar-autoaug-balms")
                 x = cutout(x, *cyx)
             return self.normalize(x)
         top, left, ch, cw, flip = to_device(torch.stack([t[keep] for t in (*rrc_params(b, h, w, hd, g),

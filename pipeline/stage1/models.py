@@ -17,8 +17,15 @@ def register_model(name):
     return deco
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
-    return MODELS[name](num_classes)
+def create_model(name: str, num_classes: int, fc_init: str | None = None) -> nn.Module:
+    """``fc_init``: None keeps the backbone's own init; "default" re-draws the final linear layer with
+    PyTorch's nn.Linear default (BALMS's separate DotProduct_Classifier; recipe `balms`)."""
+    model = MODELS[name](num_classes)
+    if fc_init == "default":
+        model.fc.reset_parameters()
+    elif fc_init is not None:
+        raise ValueError(f"unknown fc_init {fc_init!r}; expected None or 'default'")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
         if cfg.get(k) is not None and int(cfg[k]) < 1:
             raise UserError(f"{k} must be >= 1, got {cfg[k]}")
     n = int(len(dataset.train.labels))
-    steps = math.ceil(n / int(cfg["batch_size"]))
+    if cfg.get("drop_last") and n < int(cfg["batch_size"]):
+        raise UserError(f"recipe {name!r} drops each epoch's partial batch, but the training set ({n} images) is "
+                        f"smaller than one batch ({cfg['batch_size']}); pass a smaller batch_size")
+    steps = math.ceil(n / int(cfg["batch_size"]))  # BALMS counts the partial batch here even where it skips it
     if cfg["epochs"] is None:
         cfg["epochs"] = math.ceil(int(cfg["iterations"]) / steps)
     if cfg["schedule"] == "balms" and "warmup_epochs" not in given:
@@ -78,7 +81,8 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
     if cfg["eval_every"] is None:
         cfg["eval_every"] = max(1, math.ceil(cfg["epochs"] / EVAL_POINTS))
     cfg.update(dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
-               num_classes=dataset.num_classes, train_size=n, steps_per_epoch=steps,
+               num_classes=dataset.num_classes, train_size=n,
+               steps_per_epoch=n // int(cfg["batch_size"]) if cfg.get("drop_last") else steps,  # steps trained
                image_size=int(dataset.train.images.shape[1]),
                train_limit=dataset.extra.get("train_limit"), test_limit=dataset.extra.get("test_limit"),
                mean=list(dataset.mean), std=list(dataset.std), source=dataset.source,

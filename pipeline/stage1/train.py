@@ -115,7 +115,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     from tqdm import tqdm
     cfg, dist, device = t.cfg, t.dist, t.device
     n, bs = len(t.y_train), cfg["batch_size"]
-    iters = math.ceil(n / bs)
+    iters = n // bs if cfg.get("drop_last") else math.ceil(n / bs)  # recipe `balms`: BALMS skips the partial batch
     t.model.train()
     perm = torch.randperm(n, generator=t.gen).to(device)
     order = t.x_train.order(perm)  # the permutation as the Shard reads it (on the device, or one host copy)
@@ -176,7 +176,7 @@ def _new_best_test(rows: list) -> bool:
 def _build(cfg: dict, num_classes: int, device):
     """(model, optimizer, generator) of a fresh run: the seeded init, in channels_last."""
     torch.manual_seed(cfg["seed"])
-    model = create_model(cfg["backbone"], num_classes).to(device)
+    model = create_model(cfg["backbone"], num_classes, cfg.get("fc_init")).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                           weight_decay=cfg["weight_decay"])
