@@ -333,3 +333,19 @@ def test_balms_recipe_trains_whole_batches_only(tmp_path, monkeypatch):
         train(ds, cfg, tmp_path / recipe, "cpu", deterministic=True, log=lambda *a: None)
         assert steps == ([8, 8, 8, 2] * 2 if recipe == "paper" else [8, 8, 8] * 2), recipe
     assert inits == [(None,), ("default",)]
+
+
+def test_report_names_every_way_a_balms_run_differs_from_paper():
+    """The report lists a `balms` cache's departures from `paper`, including the keys `paper` does not have."""
+    from types import SimpleNamespace
+    from pipeline.report.runs import CacheInfo
+    ds = _fake_cifar10_lt()
+
+    def info(recipe):
+        prov = dict(config=resolve_config(ds, recipe=recipe, precision="fp32"))
+        return CacheInfo(dir=None, rel="", run=recipe, cache=SimpleNamespace(provenance=prov), dataset="cifar10-lt",
+                         imbalance=100.0, seed=0, epochs=520, group_key="")
+    assert info("paper").recipe_deviations() == []
+    assert info("balms").recipe_deviations() == [
+        "recipe balms (paper: paper)", "augment cifar-autoaug-balms (paper: cifar-autoaug)",
+        "drop_last True (paper: None)", "fc_init default (paper: None)"]

@@ -70,9 +70,10 @@ class CacheInfo:
         name = DEFAULT_RECIPE[FAMILY.get(self.dataset, "cifar")]
         cfg = provenance_config(self.prov)
         out = [] if cfg.get("recipe") == name else [f"recipe {cfg.get('recipe') or 'not recorded'} (paper: {name})"]
-        for k, v in RECIPES[name].items():
-            if k != "family" and cfg.get(k) != v:
-                out.append(f"{k} {cfg.get(k)} (paper: {v})")
+        paper = RECIPES[name]
+        for k in dict.fromkeys([*paper, *RECIPES.get(cfg.get("recipe"), {})]):  # e.g. balms's drop_last, fc_init
+            if k != "family" and cfg.get(k) != paper.get(k):
+                out.append(f"{k} {cfg.get(k)} (paper: {paper.get(k)})")
         if cfg.get("train_limit") or cfg.get("test_limit"):
             out.append(f"TINY RUN (train_limit {cfg.get('train_limit')}, test_limit {cfg.get('test_limit')})")
         snap = self.prov.get("snapshot")
