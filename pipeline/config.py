@@ -88,7 +88,8 @@ IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 # bins; Cutout as DeVries & Taylor's code used by BALMS: one hole, side 16, centre uniform over the image, the
 # box clipped at the border, filled with 0 (black) after AutoAugment and before normalisation.
 CUTOUT_LENGTH = 16
-AUGMENT_KINDS = ("cifar", "cifar-autoaug", "cifar-autoaug-balms", "imagenet")  # pipeline.stage1.augment.BatchAugment(kind=...)
+# pipeline.stage1.augment.BatchAugment(kind=...)
+AUGMENT_KINDS = ("cifar", "cifar-autoaug", "cifar-autoaug-balms", "imagenet")
 
 # What a stage-1 run *is*: two configurations agreeing on these keys train the same model, so a checkpoint is
 # resumed / a cache reused only when they match, and the cache fingerprint hashes them.  `data_hash` is the

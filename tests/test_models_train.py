@@ -312,7 +312,8 @@ def test_fc_init_default_redraws_only_the_final_layer():
     torch.manual_seed(0)
     default = create_model("resnet32", 10, fc_init="default")
     assert torch.equal(ldam.conv1.weight, default.conv1.weight)  # the backbone's init is untouched
-    assert ldam.fc.weight.abs().max() > 1 / 8 and ldam.fc.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.15)
+    assert ldam.fc.weight.abs().max() > 1 / 8
+    assert ldam.fc.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.15)  # kaiming normal
     # nn.Linear's default: kaiming-uniform a=sqrt(5), U(-1/sqrt(64), 1/sqrt(64)), std 1/sqrt(3*64)
     assert default.fc.weight.abs().max() <= 1 / 8
     assert default.fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 64), rel=0.15)
