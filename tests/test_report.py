@@ -422,13 +422,14 @@ def test_no_caches_is_nothing_to_report_but_lists_the_extracts(tmp_path):
         rp.build_report(str(tmp_path / "nope"), tmp_path / "rep")
 
 
-def _paper_like_cache(root, iterations, bn_method, beta=200.0, name="r", curve=None, counts=(2,) * 10):
-    """A cifar10-lt cache whose provenance is the paper recipe at ``iterations``, with a bn_recal
-    variant made by ``bn_method`` (None: the method recorded the way older code did, clean images), and
-    ``counts`` train images per class (2 each: every class Few)."""
+def _paper_like_cache(root, iterations, bn_method, beta=200.0, name="r", curve=None, counts=(2,) * 10,
+                      recipe="paper"):
+    """A cifar10-lt cache whose provenance is the paper recipe (or ``recipe``) at ``iterations``, with a
+    bn_recal variant made by ``bn_method`` (None: the method recorded the way older code did, clean images),
+    and ``counts`` train images per class (2 each: every class Few)."""
     from pipeline.config import RECIPES
-    cfg = {k: v for k, v in RECIPES["paper"].items() if k != "family"}
-    cfg.update(recipe="paper", iterations=iterations, dataset="cifar10-lt", imbalance=beta, subset_seed=0, seed=0)
+    cfg = {k: v for k, v in RECIPES[recipe].items() if k != "family"}
+    cfg.update(recipe=recipe, iterations=iterations, dataset="cifar10-lt", imbalance=beta, subset_seed=0, seed=0)
     prov = dict(dataset="cifar10-lt", imbalance=beta, subset_seed=0, backbone="resnet32", epochs=10, seed=0,
                 config=cfg, weights_sha256="w")
     if bn_method is None:
@@ -867,3 +868,30 @@ def test_a_beta10_cache_every_class_many_fills_its_all_cells_and_nothing_else(tm
     assert "| `b10` | 3 of 10 | 4 | 3 | +1.0 / +1.0 / n/a / n/a |" in readme
     stage1 = readme.split("### Stage-1 features")[1].split("## ")[0]
     assert [ln.split("|")[2].strip() for ln in stage1.splitlines() if ln.startswith("| `b10`")] == ["Many"]
+
+
+def test_a_recipe_ablation_sits_beside_its_paper_recipe_twin(tmp_path):
+    """A `balms` run with a `paper` twin (same data, beta, seed) gets its own section: each Table 7 head on both
+    caches, paper's recipe -> ablation (difference); it fills no table cell, and a run on other data has no twin."""
+    from pipeline.config import BN_RECAL_DEFAULT
+    root = tmp_path / "cache"
+    counts = (150,) * 7 + (30,) * 3
+    bn = dict(BN_RECAL_DEFAULT, seed=0)
+    paper = _paper_like_cache(root, 13000, bn, beta=100.0, name="paper100", counts=counts)
+    balms = _paper_like_cache(root, 13000, bn, beta=100.0, name="balms100", counts=counts, recipe="balms")
+    lone = _paper_like_cache(root, 13000, bn, beta=200.0, name="balms200", counts=counts, recipe="balms")
+    write_fit(paper, "softmax", acc={"all": 70.24, "many": 77.1, "medium": 42.5})
+    write_fit(balms, "softmax", acc={"all": 74.96, "many": 78.0, "medium": 55.04})
+    write_fit(paper, "ncm", acc={"all": 67.9})
+    write_fit(balms, "learned-ncm", acc={"all": 71.0})  # no twin fit: no row
+    write_fit(lone, "softmax", acc={"all": 60.0})
+    rp.build_report(str(root), tmp_path / "out", figures=False)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    section = readme.split("### Stage-1 recipe ablations")[1].split("\n## ")[0].split("\n### ")[0]
+    assert "`balms100` vs `paper100` (recipe balms (paper: paper); augment cifar-autoaug-balms (paper: " \
+           "cifar-autoaug); drop_last True (paper: None); fc_init default (paper: None)):" in section
+    assert "| Softmax | 70.2 → 75.0 (+4.8) | 77.1 → 78.0 (+0.9) | 42.5 → 55.0 (+12.5) |" in section
+    assert "NCM" not in section and "balms200" not in section
+    t7 = pd.read_csv(tmp_path / "out" / "table7.csv")
+    used = set(t7.loc[(t7["dataset"] == "cifar10-lt") & (t7["imbalance"] == 100), "runs"].dropna())
+    assert used == {"paper100"}  # the paper's recipe fills the beta=100 cells; its twin none

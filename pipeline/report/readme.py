@@ -209,6 +209,49 @@ def _train_plain_section(ctx: ReportContext, tolerance: float) -> list:
     return L + [""]
 
 
+def recipe_ablations(ctx: ReportContext) -> pd.DataFrame:
+    """Per run on another recipe with a twin on the paper's recipe (same dataset, beta, seed and images), each
+    Table 7 head fitted on both: one-decimal values and other − paper recipe, per metric with both values."""
+    twins = {(c.dataset, c.imbalance, c.seed, c.config.get("data_hash")): c
+             for c in ctx.infos if not c.recipe_deviations()}
+    t7, out = next(t for t in TABLES if t.name == "table7"), []
+    for c in sorted(ctx.infos, key=lambda c: c.run):
+        base = twins.get((c.dataset, c.imbalance, c.seed, c.config.get("data_hash")))
+        if base is None or base is c:
+            continue
+        for r in t7.rows:
+            a, b = pick_row(base.rows, r.spec), pick_row(c.rows, r.spec)
+            for m in METRICS:
+                if a is None or b is None or not (np.isfinite(a[f"_{m}"]) and np.isfinite(b[f"_{m}"])):
+                    continue
+                out.append(dict(run=c.run, base=base.run, departures="; ".join(c.recipe_deviations()),
+                                method=r.method, metric=m, paper_recipe=fmt1(a[f"_{m}"]), other=fmt1(b[f"_{m}"]),
+                                diff=fmt_diff(diff1(b[f"_{m}"], a[f"_{m}"]))))
+    return pd.DataFrame(out, columns=["run", "base", "departures", "method", "metric", "paper_recipe", "other",
+                                      "diff"])
+
+
+def _ablation_section(ctx: ReportContext) -> list:
+    df = recipe_ablations(ctx)
+    if df.empty:
+        return []
+    L = ["### Stage-1 recipe ablations: the same data and seed on another recipe", "",
+         "Each run below shares dataset, β, seed and images with a run on the paper's recipe and departs from it "
+         "as listed (`--recipe balms`: BALMS's own code where ours deviates on purpose). Table 7's heads fitted "
+         "on both caches; cells: paper's recipe → this run (difference). One seed each: how far another seed "
+         "would move a cell is not measured here.", ""]
+    for (run, base), g in df.groupby(["run", "base"], sort=False):
+        shown = [m for m in METRICS if (g["metric"] == m).any()]
+        L += [f"`{run}` vs `{base}` ({g['departures'].iloc[0]}):", "",
+              "| method | " + " | ".join(METRIC_LABEL[m] for m in shown) + " |", "|---|" + "---|" * len(shown)]
+        for method, h in g.groupby("method", sort=False):
+            by = {r.metric: r for r in h.itertuples()}
+            L.append(f"| {method} | " + " | ".join(
+                f"{by[m].paper_recipe} → {by[m].other} ({by[m].diff})" if m in by else "n/a" for m in shown) + " |")
+        L.append("")
+    return L
+
+
 def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | None = None,
                  per_class: dict | None = None) -> str:
     infos, groups, tolerance, cache_root = ctx.infos, ctx.groups, ctx.tolerance, ctx.cache_root
@@ -297,6 +340,7 @@ def build_readme(ctx: ReportContext, tables: dict, figures: list, heads: dict | 
         L.append("")
     L += _gains_section(tables, infos, tolerance)
     L += _train_plain_section(ctx, tolerance)
+    L += _ablation_section(ctx)
     # figures
     L += ["## Figures", ""]
     for f in figures:
