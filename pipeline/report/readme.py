@@ -219,12 +219,13 @@ def recipe_ablations(ctx: ReportContext) -> pd.DataFrame:
         base = twins.get((c.dataset, c.imbalance, c.seed, c.config.get("data_hash")))
         if base is None or base is c:
             continue
+        departures = "; ".join(c.recipe_deviations())
         for r in t7.rows:
             a, b = pick_row(base.rows, r.spec), pick_row(c.rows, r.spec)
             for m in METRICS:
                 if a is None or b is None or not (np.isfinite(a[f"_{m}"]) and np.isfinite(b[f"_{m}"])):
                     continue
-                out.append(dict(run=c.run, base=base.run, departures="; ".join(c.recipe_deviations()),
+                out.append(dict(run=c.run, base=base.run, departures=departures,
                                 method=r.method, metric=m, paper_recipe=fmt1(a[f"_{m}"]), other=fmt1(b[f"_{m}"]),
                                 diff=fmt_diff(diff1(b[f"_{m}"], a[f"_{m}"]))))
     return pd.DataFrame(out, columns=["run", "base", "departures", "method", "metric", "paper_recipe", "other",

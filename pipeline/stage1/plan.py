@@ -49,6 +49,12 @@ def _recipe(dataset: LTDataset, recipe: str | None) -> tuple[str, dict]:
     return name, base
 
 
+def steps_trained(n: int, batch_size: int, drop_last=False) -> int:
+    """Optimiser steps in an epoch of ``n`` images: the partial last batch counts unless ``drop_last`` (recipe
+    `balms`: BALMS's loop stops after int(n / batch) steps)."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
 def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -> dict:
     """The named recipe (default: the dataset family's, config.DEFAULT_RECIPE) updated with the non-None
     overrides, plus the dataset's identity.  The budget is `iterations` or `epochs`: giving one drops the
@@ -82,7 +88,7 @@ def resolve_config(dataset: LTDataset, recipe: str | None = None, **overrides) -
         cfg["eval_every"] = max(1, math.ceil(cfg["epochs"] / EVAL_POINTS))
     cfg.update(dataset=dataset.name, imbalance=dataset.imbalance, subset_seed=dataset.subset_seed,
                num_classes=dataset.num_classes, train_size=n,
-               steps_per_epoch=n // int(cfg["batch_size"]) if cfg.get("drop_last") else steps,  # steps trained
+               steps_per_epoch=steps_trained(n, int(cfg["batch_size"]), cfg.get("drop_last")),
                image_size=int(dataset.train.images.shape[1]),
                train_limit=dataset.extra.get("train_limit"), test_limit=dataset.extra.get("test_limit"),
                mean=list(dataset.mean), std=list(dataset.std), source=dataset.source,

@@ -29,7 +29,7 @@ from .distributed import SINGLE, Dist, revert_sync_bn, wrap_ddp
 from .evaluate import evaluate_test
 from .models import create_model
 from .pause import PauseControl, RunPaused
-from .plan import resolve_compile, set_determinism
+from .plan import resolve_compile, set_determinism, steps_trained
 from .precision import autocast, continue_precision
 from .schedule import lr_for
 from .shards import Shard
@@ -115,7 +115,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     from tqdm import tqdm
     cfg, dist, device = t.cfg, t.dist, t.device
     n, bs = len(t.y_train), cfg["batch_size"]
-    iters = n // bs if cfg.get("drop_last") else math.ceil(n / bs)  # recipe `balms`: BALMS skips the partial batch
+    iters = steps_trained(n, bs, cfg.get("drop_last"))
     t.model.train()
     perm = torch.randperm(n, generator=t.gen).to(device)
     order = t.x_train.order(perm)  # the permutation as the Shard reads it (on the device, or one host copy)
