@@ -167,12 +167,21 @@ def write_cache(path, *, provenance: dict, class_names, train_counts, classifier
     return path
 
 
-def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None) -> Path:
+def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None, variants=None) -> Path:
     """Rewrite a cache compressed, with features stored as ``feature_dtype``, adding the model's weights from
     ``checkpoint`` (a `pipeline extract` checkpoint.pt whose weights must hash to the cache's weights_sha256).
-    For shipping caches in git.  The fingerprint is unchanged: storage is not identity."""
+    For shipping caches in git.  The fingerprint is unchanged: storage is not identity.  ``variants`` (names)
+    keeps only those feature variants; the others go to provenance ``dropped_variants`` {name: method}
+    (`pipeline recalibrate` re-adds them from the weights)."""
     c = read_cache(src, upgrade=True)
     prov = dict(c.provenance, feature_dtype=feature_dtype)
+    keep = list(dict.fromkeys(variants)) if variants else list(c.variants)
+    unknown = [v for v in keep if v not in c.variants]
+    if unknown:
+        raise UserError(f"{c.path} has no feature variant {', '.join(unknown)}; it has {', '.join(c.variants)}")
+    dropped = {v: c.recorded_method(v) for v in c.variants if v not in keep}
+    if dropped:
+        prov["dropped_variants"] = {**(prov.get("dropped_variants") or {}), **dropped}
     if c.schema_version != SCHEMA_VERSION:  # upgraded: say so, keep the old fingerprint for the record
         prov.update(upgraded_from_schema=c.schema_version, upgraded_from_fingerprint=c.fingerprint)
     state = c.model_state()
@@ -182,7 +191,7 @@ def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None) -> P
         if weights_sha256(ck["model"]) != prov.get("weights_sha256"):
             raise UserError(f"{checkpoint} does not hold the weights of {c.path} (weights_sha256 differs)")
         state = {k: v.contiguous() for k, v in ck["model"].items()}
-    return _rewrite(c, dst, prov, feature_dtype=feature_dtype, model_state=state)
+    return _rewrite(c, dst, prov, feature_dtype=feature_dtype, model_state=state, keep=keep)
 
 
 def _ordered(variants) -> list:
@@ -191,12 +200,18 @@ def _ordered(variants) -> list:
 
 
 def _rewrite(c: "FeatureCache", dst, prov: dict, features: dict | None = None, methods: dict | None = None,
-             feature_dtype: str | None = None, model_state=None) -> Path:
-    """Write cache ``c`` to ``dst`` (atomically) with ``prov``, its variants updated by ``features``."""
-    all_features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in c.variants}
-    all_methods = {v: c.recorded_method(v) for v in c.variants}
+             feature_dtype: str | None = None, model_state=None, keep=None) -> Path:
+    """Write cache ``c`` to ``dst`` (atomically) with ``prov``, its variants (those in ``keep``, default all)
+    updated by ``features``."""
+    kept = [v for v in c.variants if keep is None or v in keep]
+    all_features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in kept}
+    all_methods = {v: c.recorded_method(v) for v in kept}
     all_features.update(features or {})
     all_methods.update(methods or {})
+    dropped = {v: m for v, m in (prov.get("dropped_variants") or {}).items() if v not in all_features}
+    prov = {k: v for k, v in prov.items() if k != "dropped_variants"}  # a re-added variant is no longer dropped
+    if dropped:
+        prov["dropped_variants"] = dropped
     return write_cache(dst, provenance=prov, class_names=c.class_names, train_counts=c.train_counts,
                        classifier_weight=c.classifier_weight, classifier_bias=c.classifier_bias,
                        features=all_features, learning_curve=c.learning_curve() or None,

@@ -386,17 +386,22 @@ def snapshot(cache, checkpoint, data_root, out, image_root, train_split, val_spl
               help="float16 halves the size but moves some heads by > 0.1 point (see tests/test_cache.py).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Add the model weights from this checkpoint.pt (must match the cache's weights hash).")
-def pack_cache(cache, out, feature_dtype, checkpoint):
+@click.option("--variant", "variants", multiple=True, metavar="NAME",
+              help="Keep only this feature variant (repeatable; default: all).  A dropped one is recorded in the "
+                   "provenance; `pipeline recalibrate` re-adds it from the weights.")
+def pack_cache(cache, out, feature_dtype, checkpoint, variants):
     """Rewrite a cache gzip-compressed with its model weights (for shipping in git); same fingerprint."""
     from .cache import cache_file, read_cache, repack_cache
     src = cache_file(cache)
     if Path(out).resolve() == src.resolve():
         raise UserError("--out must differ from the source cache")
     check_writable_dir(Path(out).parent, "out")
-    path = repack_cache(cache, out, feature_dtype, checkpoint)
+    path = repack_cache(cache, out, feature_dtype, checkpoint, variants)
     c = read_cache(path)
+    dropped = c.provenance.get("dropped_variants") or {}
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {feature_dtype} features, fingerprint "
-               f"{c.fingerprint}, model weights {'yes' if c.model_state() else 'no'})")
+               f"{c.fingerprint}, model weights {'yes' if c.model_state() else 'no'}, variants "
+               f"{', '.join(c.variants)}{'; dropped ' + ', '.join(dropped) if dropped else ''})")
 
 
 @cli.command()
@@ -432,6 +437,8 @@ def info(cache, as_json):
     click.echo(f"  commit {s['git_commit']}  torch {s['torch_version']}  created {s['created']}")
     for key, shape in s["shapes"].items():
         click.echo(f"  {key}: {shape[0]} x {shape[1]}")
+    for v in s["dropped_variants"]:
+        click.echo(f"  {v}: dropped when the cache was packed (`pipeline recalibrate` re-adds it)")
     for v, m in s["bn_recal_methods"].items():
         how = ("method not recorded" if not m else
                f"{m['data']}, {m['sampler']}, {m['passes']} pass(es), seed {m['seed']}"

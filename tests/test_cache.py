@@ -101,3 +101,37 @@ def test_identity_keys_added_later_keep_old_fingerprints():
         same = dict(base, config=dict(base["config"], **{key: None}))
         other = dict(base, config=dict(base["config"], **{key: 2}))
         assert fingerprint(same) == fingerprint(base) != fingerprint(other)
+
+
+def test_pack_cache_variant_keeps_only_the_named_variants(tmp_path):
+    """`pack-cache --variant plain` ships a run in less room: the other variants leave the file (recorded under
+    provenance dropped_variants with their method), the fingerprint and the kept features stay; re-adding a
+    dropped variant (what `pipeline recalibrate` does) takes it off the list.  An unknown name: one line, no file."""
+    from pipeline.cache import add_variants
+    from pipeline.config import BN_RECAL_DEFAULT
+    src = make_synthetic_cache(tmp_path / "src.h5", num_classes=6, dim=8, n_max=60, n_test=20, imbalance=10)
+    add_variants(src, {"bn_recal": {s: read_cache(src).split(s, "bn_recal") for s in ("train", "test")}},
+                 {"bn_recal": BN_RECAL_DEFAULT})
+    a = read_cache(src)
+    assert a.variants == ["plain", "bn_recal"]
+    out = tmp_path / "ship" / "features.h5"
+    r = CliRunner().invoke(cli, ["pack-cache", str(src), "--out", str(out), "--variant", "plain"])
+    assert r.exit_code == 0 and "dropped bn_recal" in r.output, r.output
+    b = read_cache(out)
+    assert b.variants == ["plain"] and b.fingerprint == a.fingerprint
+    assert b.provenance["dropped_variants"] == {"bn_recal": BN_RECAL_DEFAULT}
+    assert "bn_recal_methods" not in b.provenance
+    for s in a.splits("plain"):
+        assert all(np.array_equal(u, v) for u, v in zip(a.split(s), b.split(s)))
+    np.testing.assert_equal(fit_head(a, "ncm", device="cpu").acc, fit_head(b, "ncm", device="cpu").acc)  # nan == nan
+    r = CliRunner().invoke(cli, ["info", str(out)])
+    assert "bn_recal: dropped when the cache was packed" in r.output, r.output
+    add_variants(out, {"bn_recal": {s: a.split(s, "bn_recal") for s in ("train", "test")}},
+                 {"bn_recal": BN_RECAL_DEFAULT})
+    c = read_cache(out)
+    assert c.variants == ["plain", "bn_recal"] and "dropped_variants" not in c.provenance
+    assert c.provenance["bn_recal_methods"] == {"bn_recal": BN_RECAL_DEFAULT}
+    bad = tmp_path / "bad.h5"
+    r = CliRunner().invoke(cli, ["pack-cache", str(src), "--out", str(bad), "--variant", "bn_recal-x"])
+    assert r.exit_code != 0 and "no feature variant bn_recal-x" in r.output and "Traceback" not in r.output
+    assert not bad.exists()

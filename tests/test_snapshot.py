@@ -137,6 +137,7 @@ def test_keep_best_test_keeps_the_first_best_evaluated_epoch(tmp_path, monkeypat
     extract(ds, tmp_path / "a", run="r", keep_best_test=True, **kw)
     best = torch.load(tmp_path / "a" / "r" / BEST_TEST_FILE, map_location="cpu", weights_only=False)
     assert best["epoch"] == 2 and read_cache(tmp_path / "a" / "r").provenance["config"]["keep_best_test"] is True
+    assert best["optimizer"] is None  # snapshotted, never resumed: weights only, half the size in git
     extract(ds, tmp_path / "b", run="r", stop_after=2, **kw)  # the same run, stopped after epoch 2
     at2 = torch.load(tmp_path / "b" / "r" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert at2["epoch"] == 2
@@ -144,3 +145,7 @@ def test_keep_best_test_keeps_the_first_best_evaluated_epoch(tmp_path, monkeypat
         assert torch.equal(best["model"][k], v), k
     assert not (tmp_path / "b" / "r" / BEST_TEST_FILE).exists()
     assert "keep_best_test" not in at2["config"]
+    snap = read_cache(snapshot_cache(tmp_path / "a" / "r", tmp_path / "a" / "r" / BEST_TEST_FILE, ds,
+                                     log=lambda *a: None))  # what the weights-only file is for
+    assert snap.provenance["snapshot"]["epoch"] == 2
+    assert all(np.array_equal(snap.model_state()[k], v.numpy()) for k, v in at2["model"].items())

@@ -17,7 +17,8 @@ from ..utils import UserError, atomic_path
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVE_FILE = "learning_curve.csv"
 # `extract --keep-best-test`: the checkpoint of the evaluated epoch with the best test accuracy so far, what
-# BALMS's code hands its second stages (state_dict_best); optimistic, for `pipeline snapshot` only
+# BALMS's code hands its second stages (state_dict_best); optimistic, for `pipeline snapshot` only, so it is
+# written without the optimizer's momentum (half the size of a checkpoint.pt)
 BEST_TEST_FILE = "best_test_checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "curve", "identity", "config", "torch",
                    "precision_segments")
@@ -60,8 +61,10 @@ def load_checkpoint(path: Path, cfg: dict, allow_precision_change=False) -> dict
 
 
 def save_checkpoint(path: Path, model, opt, gen, epoch: int, rows: list, ident: dict, cfg: dict):
-    """Write the checkpoint atomically (the keys of CHECKPOINT_KEYS, in that order)."""
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
+    """Write the checkpoint atomically (the keys of CHECKPOINT_KEYS, in that order).  ``opt`` None writes
+    ``optimizer`` None: a weights-only file (BEST_TEST_FILE, which is snapshotted, never resumed), half the size."""
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict() if opt is not None else None,
+                 generator=gen.get_state(),
                  epoch=epoch, curve=rows, identity=ident, config=cfg, torch=torch.__version__,
                  precision_segments=cfg.get("precision_segments"))
     with atomic_path(path, suffix=".pt") as tmp:

@@ -94,4 +94,5 @@ def cache_summary(cache) -> dict:
         variants=list(cache.variants), shapes=shapes, num_classes=int(cache.num_classes),
         groups=dict(many=n[0], medium=n[1], few=n[2]), train_images=int(cache.train_counts.sum()),
         bn_recal_methods={v: cache.variant_method(v) for v in cache.variants if v != "plain"},
-        final_test_accuracy=p.get("final_test_accuracy"), snapshot=p.get("snapshot"))
+        final_test_accuracy=p.get("final_test_accuracy"), snapshot=p.get("snapshot"),
+        dropped_variants=sorted(p.get("dropped_variants") or {}))

@@ -233,8 +233,9 @@ def train(dataset: LTDataset, cfg: dict, run_dir, device="auto", deterministic=F
         t = setup(dataset, cfg, model, opt, gen, device, dist, data_on, sync_bn, precision, log)
 
         def save(epoch, name=CHECKPOINT_FILE):  # rank 0 alone writes
-            if dist.is_main:
-                save_checkpoint(run_dir / name, model, opt, gen, epoch, rows, ident, cfg)
+            if dist.is_main:  # the best-test file is only snapshotted: no optimizer state
+                save_checkpoint(run_dir / name, model, opt if name != BEST_TEST_FILE else None, gen, epoch, rows,
+                                ident, cfg)
 
         if not _run_epochs(t, start_epoch, rows, save, pause or PauseControl(), stop_after, run_dir, log):
             return None, rows
