@@ -65,6 +65,24 @@ def test_a_snapshot_of_the_last_checkpoint_is_the_runs_cache(run, tmp_path):
         np.testing.assert_array_equal(s.split(split)[0], c.split(split)[0])
 
 
+def test_a_shipped_plain_only_cache_snapshots_like_the_full_one(run, tmp_path):
+    """A cache packed with `pack-cache --variant plain` (its bn_recal dropped) snapshots to the same features, and
+    the snapshot's provenance does not claim the dropped variant (a snapshot has plain features only)."""
+    from pipeline.cache import add_variants, repack_cache
+    from pipeline.config import BN_RECAL_DEFAULT
+    c = run["cache"]
+    full = tmp_path / "full" / "r" / "features.h5"
+    full.parent.mkdir(parents=True)
+    shutil.copy(c.path, full)
+    add_variants(full, {"bn_recal": {s: c.split(s) for s in c.splits("plain")}}, {"bn_recal": BN_RECAL_DEFAULT})
+    packed = read_cache(repack_cache(full, tmp_path / "ship.h5", variants=["plain"]))
+    assert packed.provenance["dropped_variants"] == {"bn_recal": BN_RECAL_DEFAULT}
+    a = read_cache(snapshot_cache(full, run["early"], run["ds"], out=tmp_path / "a.h5", log=lambda *a: None))
+    b = read_cache(snapshot_cache(packed, run["early"], run["ds"], out=tmp_path / "b.h5", log=lambda *a: None))
+    assert "dropped_variants" not in b.provenance and b.variants == ["plain"] and a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.split("test")[0], b.split("test")[0])
+
+
 def test_snapshot_refuses_other_runs_other_images_and_other_files(run, tmp_path):
     ds, c = run["ds"], run["cache"]
     other = tmp_path / "other"

@@ -65,7 +65,8 @@ def snapshot_cache(cache, checkpoint, dataset: LTDataset, out=None, device="auto
     features = extract_features(model, dataset, held, aug)
     rows = [r for r in ck["curve"] if int(r["epoch"]) <= epoch]
     at = rows[-1] if rows and int(rows[-1]["epoch"]) == epoch else None
-    prov = {k: v for k, v in c.provenance.items() if k not in ("bn_recal_methods", "train_seconds", "feature_dtype")}
+    prov = {k: v for k, v in c.provenance.items()  # plain features only, whatever variants the cache has or had
+            if k not in ("bn_recal_methods", "dropped_variants", "train_seconds", "feature_dtype")}
     prov.update(weights_sha256=weights_sha256(model), checkpoint_sha256=sha256_file(checkpoint),
                 git_commit=git_commit(), torch_version=torch.__version__, created=now_iso(),
                 device=describe_device(dev),
