@@ -179,9 +179,6 @@ def repack_cache(src, dst, feature_dtype: str = "float32", checkpoint=None, vari
     unknown = [v for v in keep if v not in c.variants]
     if unknown:
         raise UserError(f"{c.path} has no feature variant {', '.join(unknown)}; it has {', '.join(c.variants)}")
-    dropped = {v: c.recorded_method(v) for v in c.variants if v not in keep}
-    if dropped:
-        prov["dropped_variants"] = {**(prov.get("dropped_variants") or {}), **dropped}
     if c.schema_version != SCHEMA_VERSION:  # upgraded: say so, keep the old fingerprint for the record
         prov.update(upgraded_from_schema=c.schema_version, upgraded_from_fingerprint=c.fingerprint)
     state = c.model_state()
@@ -202,14 +199,15 @@ def _ordered(variants) -> list:
 def _rewrite(c: "FeatureCache", dst, prov: dict, features: dict | None = None, methods: dict | None = None,
              feature_dtype: str | None = None, model_state=None, keep=None) -> Path:
     """Write cache ``c`` to ``dst`` (atomically) with ``prov``, its variants (those in ``keep``, default all)
-    updated by ``features``."""
+    updated by ``features``; provenance ``dropped_variants`` {name: method} lists the variants it has had and lacks."""
     kept = [v for v in c.variants if keep is None or v in keep]
     all_features = {v: {s: c.split(s, v) for s in c.splits(v)} for v in kept}
     all_methods = {v: c.recorded_method(v) for v in kept}
     all_features.update(features or {})
     all_methods.update(methods or {})
-    dropped = {v: m for v, m in (prov.get("dropped_variants") or {}).items() if v not in all_features}
-    prov = {k: v for k, v in prov.items() if k != "dropped_variants"}  # a re-added variant is no longer dropped
+    dropped = {**(prov.get("dropped_variants") or {}), **{v: c.recorded_method(v) for v in c.variants if v not in kept}}
+    dropped = {v: m for v, m in dropped.items() if v not in all_features}  # a re-added variant is no longer dropped
+    prov = {k: v for k, v in prov.items() if k != "dropped_variants"}
     if dropped:
         prov["dropped_variants"] = dropped
     return write_cache(dst, provenance=prov, class_names=c.class_names, train_counts=c.train_counts,
